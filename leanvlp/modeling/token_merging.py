@@ -1,0 +1,445 @@
+"""Token merging (ToMe, Bolya et al. 2023) for any transformer block loop, SDPA-compatible.
+
+A block is split at its seam: the attention sub-block runs, the r most similar token pairs are
+merged (bipartite soft matching on the attention keys averaged over heads), then the MLP
+sub-block runs on fewer tokens. Merged tokens carry a size; proportional attention adds log(size)
+to the attention logits through SDPA's additive float mask, so fused kernels keep working.
+
+The per-family `BlockAdapter`s run the layer's own submodules (no monkey-patching, no weight
+copies). `run_token_merging` is the block loop; `TokenMergingEncoder` is the same loop as an
+nn.Module that owns its layers (the MergeBridge bridge). Hooks (`BlockHook`) can act after
+attention or after each block (text-aware pruning, temporal merging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.utils import ModelOutput
+
+__all__ = [
+    "MERGE_MODES",
+    "TokenMergingConfig",
+    "MergeState",
+    "bipartite_soft_matching",
+    "merge_tokens",
+    "padding_bias",
+    "self_attention",
+    "BlockAdapter",
+    "BertLayerAdapter",
+    "BlockHook",
+    "TokenMergingOutput",
+    "run_token_merging",
+    "TokenMergingEncoder",
+    "analytic_macs",
+]
+
+MERGE_MODES = ("size_weighted", "mean")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class TokenMergingConfig:
+    """How many tokens to merge per block and how; serialises into any model config.
+
+    r: an int (the same r in every block), `(r, -1)` (decreasing linearly from 2r in the first
+    block to 0 in the last, as ToMe's "decreasing" schedule) or an explicit per-layer list.
+    The r actually merged in a block is clipped to (N - protected) // 2.
+    mode: "size_weighted" (ToMe: size-weighted average, proportional attention) or "mean"
+    (EVLGen: plain mean; sizes are still counted but never weight anything).
+    protected: leading tokens that never merge (1 = CLS; 0 for SigLIP, which has no CLS).
+    """
+
+    r: int | tuple[int, int] | list[int] = 0
+    mode: str = "size_weighted"
+    prop_attn: bool = True
+    protected: int = 1
+
+    def __post_init__(self) -> None:
+        r = self.r
+        if isinstance(r, (list, tuple)) and len(r) == 2 and _is_int(r[1]) and r[1] == -1:
+            r = (r[0], -1)  # a JSON round-trip turns the (r, -1) tuple into a list
+        if isinstance(r, tuple):
+            if len(r) != 2 or r[1] != -1:
+                raise ValueError(f"TokenMergingConfig.r: a tuple schedule must be (r, -1) (decreasing), got {r!r}")
+            self._check_r_value(r[0], r)
+        elif isinstance(r, list):
+            for value in r:
+                self._check_r_value(value, r)
+            r = [int(v) for v in r]
+        else:
+            self._check_r_value(r, r)
+        self.r = r
+        if self.mode not in MERGE_MODES:
+            raise ValueError(f"TokenMergingConfig.mode must be one of {MERGE_MODES}, got {self.mode!r}")
+        if not isinstance(self.prop_attn, bool):
+            raise ValueError(f"TokenMergingConfig.prop_attn must be a bool, got {self.prop_attn!r}")
+        if not _is_int(self.protected) or self.protected < 0:
+            raise ValueError(f"TokenMergingConfig.protected must be an int >= 0, got {self.protected!r}")
+
+    @staticmethod
+    def _check_r_value(value: Any, whole: Any) -> None:
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"TokenMergingConfig.r: every r must be an int >= 0, got {value!r} in r={whole!r}")
+
+    @property
+    def use_prop_attn(self) -> bool:
+        """Proportional attention only makes sense with size-weighted merging."""
+        return self.prop_attn and self.mode == "size_weighted"
+
+    def to_dict(self) -> dict[str, Any]:
+        r = list(self.r) if isinstance(self.r, (tuple, list)) else self.r
+        return {"r": r, "mode": self.mode, "prop_attn": self.prop_attn, "protected": self.protected}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenMergingConfig:
+        unknown = set(d) - {"r", "mode", "prop_attn", "protected"}
+        if unknown:
+            raise ValueError(f"TokenMergingConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def schedule(self, num_layers: int) -> list[int]:
+        """Requested r per layer (before clipping to what the token count allows)."""
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if isinstance(self.r, tuple):
+            r = self.r[0]
+            if num_layers == 1:
+                return [r]
+            # 2r in the first layer down to 0 in the last, floored (exact integer arithmetic)
+            return [(2 * r * (num_layers - 1 - i)) // (num_layers - 1) for i in range(num_layers)]
+        if isinstance(self.r, list):
+            if len(self.r) != num_layers:
+                raise ValueError(
+                    f"TokenMergingConfig.r: the per-layer list has {len(self.r)} entries but the model has "
+                    f"{num_layers} layers (r={self.r!r})"
+                )
+            return list(self.r)
+        return [self.r] * num_layers
+
+    def token_counts(self, num_tokens: int, num_layers: int) -> list[int]:
+        """Token count after each layer for an input of `num_tokens` (clipped like the forward)."""
+        if not _is_int(num_tokens) or num_tokens < self.protected:
+            raise ValueError(f"num_tokens must be an int >= protected ({self.protected}), got {num_tokens!r}")
+        counts, n = [], num_tokens
+        for r in self.schedule(num_layers):
+            n -= min(r, (n - self.protected) // 2)
+            counts.append(n)
+        return counts
+
+
+# ----------------------------------------------------------------------------- matching and merging
+
+
+@dataclass
+class MergeState:
+    """What travels through the block loop besides the hidden states."""
+
+    sizes: Tensor | None = None  # (B, N, 1) float32, original tokens held by each token
+    sources: Tensor | None = None  # (B, N, N0) float32 0/1, which original tokens each token holds
+
+    def attention_bias(self, prop_attn: bool) -> Tensor | None:
+        """Proportional attention as an additive mask: log(size) on the key axis, (B, 1, 1, N)."""
+        if not prop_attn or self.sizes is None:
+            return None
+        return self.sizes.log().transpose(1, 2).unsqueeze(1)
+
+
+def bipartite_soft_matching(
+    metric: Tensor, r: int, protected: int
+) -> tuple[Callable[[Tensor, str], Tensor], Callable[[Tensor], Tensor]]:
+    """Match r tokens of set A into set B by cosine similarity of `metric` (B, N, D).
+
+    The first `protected` tokens take no part (equivalent to ToMe's -inf score rows, but they
+    all stay in front in their order, so a distillation token stays at index 1). Among the rest,
+    A = even positions and B = odd positions; each A token picks its most similar B token and the
+    r A tokens with the highest such scores merge into their partners. Returns `merge(x, reduce)`
+    mapping (B, N, C) -> (B, N - r, C) in the order [protected, unmerged A (in order), B], with
+    reduce "sum" or "mean", and `unmerge(y)` mapping merged tokens back to (B, N, C).
+    """
+    B, N, _ = metric.shape
+    if not _is_int(protected) or not 0 <= protected <= N:
+        raise ValueError(f"protected must be an int in [0, N={N}], got {protected!r}")
+    if not _is_int(r) or r < 0:
+        raise ValueError(f"r must be an int >= 0, got {r!r}")
+    r = min(r, (N - protected) // 2)
+    a_start = protected + protected % 2  # first even position >= protected
+    b_start = protected + 1 - protected % 2  # first odd position >= protected
+    with torch.no_grad():
+        metric = F.normalize(metric, dim=-1)  # cosine similarity (zero keys give zeros, not NaN)
+        scores = metric[:, a_start::2] @ metric[:, b_start::2].transpose(1, 2)  # (B, Na, Nb)
+        best, partner = scores.max(dim=-1)  # (B, Na)
+        order = best.argsort(dim=-1, descending=True)
+        src_idx = order[:, :r, None]  # (B, r, 1) merged A tokens
+        unm_idx = order[:, r:].sort(dim=-1).values[..., None]  # (B, Na - r, 1) kept, in order
+        dst_idx = partner[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
+    num_a = (N - a_start + 1) // 2
+
+    def merge(x: Tensor, reduce: str = "sum") -> Tensor:
+        C = x.shape[-1]
+        a, b = x[:, a_start::2], x[:, b_start::2]
+        unm = a.gather(1, unm_idx.expand(B, num_a - r, C))
+        src = a.gather(1, src_idx.expand(B, r, C))
+        b = b.scatter_reduce(1, dst_idx.expand(B, r, C), src, reduce=reduce)
+        return torch.cat([x[:, :protected], unm, b], dim=1)
+
+    def unmerge(y: Tensor) -> Tensor:
+        C = y.shape[-1]
+        n_unm = num_a - r
+        unm, b = y[:, protected : protected + n_unm], y[:, protected + n_unm :]
+        out = y.new_empty(B, N, C)
+        out[:, :protected] = y[:, :protected]
+        out[:, b_start::2] = b
+        a = out[:, a_start::2]  # a view into out
+        a.scatter_(1, unm_idx.expand(B, n_unm, C), unm)
+        a.scatter_(1, src_idx.expand(B, r, C), b.gather(1, dst_idx.expand(B, r, C)))
+        return out
+
+    return merge, unmerge
+
+
+def merge_tokens(
+    x: Tensor, metric: Tensor, r: int, state: MergeState, mode: str = "size_weighted", protected: int = 1
+) -> tuple[Tensor, MergeState]:
+    """Merge r tokens of x (B, N, C) -> (B, N - r', C), r' = min(r, (N - protected) // 2)."""
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric {tuple(metric.shape)} and x {tuple(x.shape)} disagree on (B, N)")
+    merge, _ = bipartite_soft_matching(metric, r, protected)
+    sizes = state.sizes if state.sizes is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+    if mode == "size_weighted":
+        x = merge(x * sizes.to(x.dtype), "sum")
+        sizes = merge(sizes, "sum")
+        x = x / sizes.to(x.dtype)
+    else:
+        x = merge(x, "mean")
+        sizes = merge(sizes, "sum")
+    sources = merge(state.sources, "sum") if state.sources is not None else None
+    return x, MergeState(sizes=sizes, sources=sources)
+
+
+def padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B, N) 1/0 padding mask -> the additive (B, 1, 1, N) bias the block loop takes."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, N), got shape {tuple(attention_mask.shape)}")
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    bias = bias.masked_fill(attention_mask == 0, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- attention and adapters
+
+
+def self_attention(
+    hidden: Tensor,
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    num_heads: int,
+    scale: float,
+    dropout_p: float,
+    attn_bias: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """SDPA self-attention with the given projections; returns (context (B, N, h*d), keys mean over heads (B, N, d))."""
+    B, N, _ = hidden.shape
+    q = q_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)  # (B, h, N, d)
+    k = k_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)
+    v = v_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)
+    if attn_bias is not None:
+        attn_bias = attn_bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, -1), k.detach().mean(dim=1)
+
+
+class BlockAdapter(Protocol):
+    """Runs one layer family's two sub-blocks with the layer's own submodules."""
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Norm, q/k/v, SDPA (+ attn_bias), out proj, residual -> (hidden (B, N, C), keys mean over heads)."""
+        ...
+
+    def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        """Norm, MLP, residual -> hidden (B, N, C)."""
+        ...
+
+
+class BertLayerAdapter:
+    """transformers' `BertLayer` (post-LN, encoder self-attention only), e.g. the MergeBridge bridge."""
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        if getattr(layer, "is_decoder", False):
+            raise TypeError("BertLayerAdapter supports encoder (bidirectional) BertLayers only, got a decoder layer")
+        attn = layer.attention.self
+        dropout_p = attn.dropout.p if attn.training else 0.0
+        context, keys = self_attention(
+            hidden, attn.query, attn.key, attn.value, attn.num_attention_heads, attn.scaling, dropout_p, attn_bias
+        )
+        return layer.attention.output(context, hidden), keys  # dense, dropout, LayerNorm(+ residual)
+
+    def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        return layer.output(layer.intermediate(hidden), hidden)  # dense, act, dense, dropout, LayerNorm(+ residual)
+
+
+# ----------------------------------------------------------------------------- block loop
+
+
+class BlockHook:
+    """Per-block extension point; both methods are identity by default.
+
+    A hook that changes the token count (pruning, fusing) must do it in `after_block` and keep
+    `state.sizes` / `state.sources` consistent (each output token's sizes = its sources' row sum).
+    """
+
+    def after_attention(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
+        return hidden, state
+
+    def after_block(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
+        return hidden, state
+
+
+@dataclass
+class TokenMergingOutput(ModelOutput):
+    """Output of the merging block loop (and of `TokenMergingVisionTower`)."""
+
+    last_hidden_state: Tensor | None = None  # (B, N', C)
+    sizes: Tensor | None = None  # (B, N', 1)
+    sources: Tensor | None = None  # (B, N', N0), only when tracked
+    token_counts: list[int] | None = None  # after each layer
+    hidden_states: tuple[Tensor, ...] | None = None  # input + after each layer, when asked
+
+
+def run_token_merging(
+    layers: Sequence[nn.Module],
+    adapter: BlockAdapter,
+    merging: TokenMergingConfig,
+    hidden: Tensor,
+    attn_bias: Tensor | None = None,
+    hooks: Sequence[BlockHook] = (),
+    track_sources: bool = False,
+    output_hidden_states: bool = False,
+) -> TokenMergingOutput:
+    """The block loop: per layer, attention -> hooks.after_attention -> merge r_i -> MLP -> hooks.after_block.
+
+    `attn_bias` (additive, broadcastable to (B, h, N, N), e.g. `padding_bias(mask)`) is used while
+    the token count is unchanged and dropped once it changes (merged tokens are all real tokens).
+    Proportional attention is added only once some token holds more than one original token.
+    """
+    B, n_in, _ = hidden.shape
+    schedule = merging.schedule(len(layers))
+    if merging.protected > n_in:
+        raise ValueError(f"TokenMergingConfig.protected={merging.protected} exceeds the {n_in} input tokens")
+    sources = None
+    if track_sources:
+        sources = torch.eye(n_in, device=hidden.device, dtype=torch.float32).expand(B, n_in, n_in)
+    state = MergeState(sizes=hidden.new_ones(B, n_in, 1, dtype=torch.float32), sources=sources)
+    counts: list[int] = []
+    all_hidden = [hidden] if output_hidden_states else None
+    for i, (layer, r) in enumerate(zip(layers, schedule)):
+        n = hidden.shape[1]
+        bias = attn_bias if n == n_in else None
+        if n < n_in:
+            prop = state.attention_bias(merging.use_prop_attn)
+            if prop is not None:
+                bias = prop
+        hidden, keys = adapter.attention(layer, hidden, bias)
+        for hook in hooks:
+            hidden, state = hook.after_attention(i, hidden, state)
+        r = min(r, (hidden.shape[1] - merging.protected) // 2)
+        if r > 0:
+            if keys.shape[1] != hidden.shape[1]:
+                raise ValueError(
+                    f"layer {i}: a hook changed the token count after attention ({keys.shape[1]} -> "
+                    f"{hidden.shape[1]}); change it in after_block instead"
+                )
+            hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected)
+        hidden = adapter.mlp(layer, hidden)
+        for hook in hooks:
+            hidden, state = hook.after_block(i, hidden, state)
+        counts.append(hidden.shape[1])
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+    return TokenMergingOutput(
+        last_hidden_state=hidden,
+        sizes=state.sizes,
+        sources=state.sources,
+        token_counts=counts,
+        hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+    )
+
+
+class TokenMergingEncoder(nn.Module):
+    """An encoder that owns `layers` and runs them with token merging (e.g. BERT layers of a bridge).
+
+    The layers are registered here (`encoder.layers`): do not register the same ModuleList a
+    second time elsewhere in a model, or its state dict gets duplicate keys. To run layers that a
+    model already owns (a vision tower), call `run_token_merging` directly.
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        adapter: BlockAdapter,
+        merging: TokenMergingConfig | dict | None = None,
+        hooks: Sequence[BlockHook] = (),
+    ) -> None:
+        super().__init__()
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"layers must be an nn.ModuleList, got {type(layers).__name__}")
+        self.layers = layers
+        self.adapter = adapter
+        self.merging = _as_config(merging)
+        self.hooks = tuple(hooks)
+        self.merging.schedule(len(layers))  # validate a per-layer list early
+
+    def forward(
+        self,
+        hidden: Tensor,
+        attn_bias: Tensor | None = None,
+        hooks: Sequence[BlockHook] = (),
+        track_sources: bool = False,
+        output_hidden_states: bool = False,
+    ) -> TokenMergingOutput:
+        return run_token_merging(
+            self.layers,
+            self.adapter,
+            self.merging,
+            hidden,
+            attn_bias=attn_bias,
+            hooks=(*self.hooks, *hooks),
+            track_sources=track_sources,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def token_counts(self, num_tokens: int) -> list[int]:
+        return self.merging.token_counts(num_tokens, len(self.layers))
+
+
+def _as_config(merging: TokenMergingConfig | dict | None) -> TokenMergingConfig:
+    if merging is None:
+        return TokenMergingConfig()
+    if isinstance(merging, dict):
+        return TokenMergingConfig.from_dict(merging)
+    if isinstance(merging, TokenMergingConfig):
+        return merging
+    raise TypeError(f"merging must be a TokenMergingConfig, a dict or None, got {type(merging).__name__}")
+
+
+def analytic_macs(num_tokens: int, hidden_size: int, counts_after: Sequence[int], mlp_ratio: float = 4.0) -> float:
+    """MACs of a ViT block stack: attention 4NC^2 + 2N^2C on the pre-merge N, MLP 2*ratio*N'C^2 on post-merge N'."""
+    C, n, total = hidden_size, num_tokens, 0.0
+    for n_after in counts_after:
+        total += 4 * n * C * C + 2 * n * n * C + 2 * mlp_ratio * n_after * C * C
+        n = n_after
+    return total
