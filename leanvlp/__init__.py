@@ -1,16 +1,42 @@
 """leanvlp: efficient vision-language pretraining, Hugging Face-native.
 
 Importing the package registers every leanvlp model, config and processor with the
-transformers Auto classes (see `leanvlp.auto`).
+transformers Auto classes (see `leanvlp.auto`), so saved folders load with no `trust_remote_code`.
 """
 
 from .auto import AutoEntry, register_all
+from .modeling.configuration_merge_bridge import MergeBridgeConfig
+from .modeling.modeling_merge_bridge import (
+    MergeBridgeForConditionalGeneration,
+    MergeBridgeModel,
+    MergeBridgePreTrainedModel,
+)
+from .modeling.token_merging import TokenMergingConfig
+from .modeling.vision_tower import TokenMergingVisionTower
+from .processing.processing_merge_bridge import MergeBridgeProcessor
 
 __version__ = "0.1.0"
 
-# One entry per model family; filled as families land.
-ENTRIES: list[AutoEntry] = []
+# One entry per model family.
+ENTRIES: list[AutoEntry] = [
+    AutoEntry(
+        MergeBridgeConfig,
+        {"AutoModel": MergeBridgeModel, "AutoModelForImageTextToText": MergeBridgeForConditionalGeneration},
+        MergeBridgeProcessor,
+    ),
+]
 
 register_all(ENTRIES)
 
-__all__ = ["ENTRIES", "AutoEntry", "__version__"]
+__all__ = [
+    "ENTRIES",
+    "AutoEntry",
+    "MergeBridgeConfig",
+    "MergeBridgeForConditionalGeneration",
+    "MergeBridgeModel",
+    "MergeBridgePreTrainedModel",
+    "MergeBridgeProcessor",
+    "TokenMergingConfig",
+    "TokenMergingVisionTower",
+    "__version__",
+]

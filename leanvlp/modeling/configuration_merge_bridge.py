@@ -1,0 +1,184 @@
+"""MergeBridge configuration: frozen vision tower -> token-merging bridge -> frozen causal LLM (SimVLG)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, BertConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .token_merging import TokenMergingConfig
+
+# Vision towers the token-merging wrapper runs, with the number of leading tokens (CLS) each adds.
+VISION_LEADING_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "vit": 1, "dinov2": 1}
+
+# EVLGen's bridge: BERT-base shaped, r = 19 merges per layer, plain-mean merging (their released code).
+DEFAULT_BRIDGE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+DEFAULT_BRIDGE_MERGING = dict(r=19, mode="mean", prop_attn=False)
+# EVA-CLIP ViT-g/14 is not in transformers; CLIP ViT-L/14 @224 has the same 257 tokens.
+DEFAULT_VISION = dict(
+    model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+    num_attention_heads=16, patch_size=14, image_size=224,
+)
+
+
+def _as_config(value: dict | PretrainedConfig | None, default: dict, field: str) -> PretrainedConfig:
+    """A sub-config from a config, a dict carrying its own `model_type`, or None (the default)."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        value = dict(default)
+    if not isinstance(value, dict):
+        raise TypeError(f"MergeBridgeConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
+    value = dict(value)
+    model_type = value.pop("model_type", default.get("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"MergeBridgeConfig.{field}: unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type](**value)
+
+
+def vision_num_tokens(vision_config: PretrainedConfig) -> int:
+    """Sequence length the vision tower produces for its configured image size: patches (+ CLS)."""
+    image_size, patch_size = vision_config.image_size, vision_config.patch_size
+    image_size = image_size if isinstance(image_size, int) else image_size[0]
+    patch_size = patch_size if isinstance(patch_size, int) else patch_size[0]
+    return (image_size // patch_size) ** 2 + VISION_LEADING_TOKENS[vision_config.model_type]
+
+
+class MergeBridgeConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`MergeBridgeForConditionalGeneration`]: a vision tower whose tokens pass a BERT-style
+    bridge that merges similar tokens between attention and FFN of every layer (ToMe bipartite soft matching),
+    then a causal LLM that reads the short merged sequence as a soft visual prefix (SimVLG / EVLGen).
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Vision tower config; one of `clip_vision_model`, `siglip_vision_model`, `vit`, `dinov2`.
+            Defaults to a CLIP ViT-L/14 at 224 px (257 tokens, like EVLGen's EVA ViT-g/14).
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Any causal LM config (defaults to OPT-125m's shape).
+        bridge_config (`dict` or `BertConfig`, *optional*):
+            The bridge's BERT encoder shape (defaults to BERT-base: 12 layers, 768 wide, 12 heads). Its word
+            embeddings are never built: the bridge reads projected visual tokens plus learned positions.
+        bridge_merging (`dict`, *optional*):
+            [`TokenMergingConfig`] of the bridge. Defaults to EVLGen's: r=19 per layer, `"mean"` mode, no
+            proportional attention; `{"r": 19, "mode": "size_weighted", "prop_attn": True}` is ToMe's variant.
+            `protected` defaults to the tower's leading (CLS) token count.
+        vision_merging (`dict`, *optional*):
+            [`TokenMergingConfig`] inside the vision tower itself (defaults to r=0: no merging).
+        image_token_id (`int`, *optional*):
+            Token id of the image placeholder in the LLM vocabulary (set by the processor builder).
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The placeholder string.
+        freeze_vision (`bool`, *optional*, defaults to `True`): keep the vision tower frozen.
+        freeze_llm (`bool`, *optional*, defaults to `True`): keep the LLM frozen.
+        temporal_merging (`bool`, *optional*, defaults to `False`):
+            Video: soft attentive temporal token merging inside every vision block (gate initialised at 0).
+        temporal_dim (`int`, *optional*, defaults to 256): query/key width of the temporal attention.
+        temporal_heads (`int`, *optional*, defaults to 8): heads of the temporal attention.
+
+    Example:
+
+    ```python
+    >>> from leanvlp import MergeBridgeConfig, MergeBridgeForConditionalGeneration
+    >>> config = MergeBridgeConfig(
+    ...     vision_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...                    "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+    ...     text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...                  "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100},
+    ...     bridge_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    ...     bridge_merging={"r": 4}, image_token_id=99)
+    >>> config.num_image_tokens  # 17 vision tokens -> 13 -> 9
+    9
+    >>> model = MergeBridgeForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "merge_bridge"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig, "bridge_config": BertConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | PretrainedConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        bridge_config: dict | PretrainedConfig | None = None,
+        bridge_merging: dict | TokenMergingConfig | None = None,
+        vision_merging: dict | TokenMergingConfig | None = None,
+        image_token_id: int | None = None,
+        image_token: str = "<image>",
+        freeze_vision: bool = True,
+        freeze_llm: bool = True,
+        temporal_merging: bool = False,
+        temporal_dim: int = 256,
+        temporal_heads: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        self.vision_config = _as_config(vision_config, DEFAULT_VISION, "vision_config")
+        if self.vision_config.model_type not in VISION_LEADING_TOKENS:
+            raise ValueError(
+                f"MergeBridgeConfig.vision_config: model_type {self.vision_config.model_type!r} is not supported; "
+                f"use one of {sorted(VISION_LEADING_TOKENS)}"
+            )
+        self.text_config = _as_config(text_config, {"model_type": "opt"}, "text_config")
+        if self.text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"MergeBridgeConfig.text_config: model_type {self.text_config.model_type!r} is not a causal LM"
+            )
+        if isinstance(bridge_config, dict):
+            bridge_config = {k: v for k, v in bridge_config.items() if k != "model_type"}
+            bridge_config = BertConfig(**{**DEFAULT_BRIDGE, **bridge_config})
+        self.bridge_config = bridge_config if bridge_config is not None else BertConfig(**DEFAULT_BRIDGE)
+        leading = VISION_LEADING_TOKENS[self.vision_config.model_type]
+        self.bridge_merging = self._merging(bridge_merging, DEFAULT_BRIDGE_MERGING, leading, "bridge_merging")
+        self.vision_merging = self._merging(vision_merging, {"r": 0}, leading, "vision_merging")
+        self.image_token_id = image_token_id
+        self.image_token = image_token
+        self.freeze_vision = freeze_vision
+        self.freeze_llm = freeze_llm
+        self.temporal_merging = temporal_merging
+        self.temporal_dim = temporal_dim
+        self.temporal_heads = temporal_heads
+        super().__init__(**kwargs)
+        # Validate both schedules against their depths now, not deep inside a forward pass.
+        self.bridge_merging_config.schedule(self.bridge_config.num_hidden_layers)
+        self.vision_merging_config.schedule(self.vision_config.num_hidden_layers)
+
+    @staticmethod
+    def _merging(value: dict | TokenMergingConfig | None, default: dict, leading: int, field: str) -> dict:
+        if isinstance(value, TokenMergingConfig):
+            value = value.to_dict()
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"MergeBridgeConfig.{field} must be a dict or TokenMergingConfig, got {value!r}")
+        merged = {**default, "protected": leading, **(value or {})}
+        return TokenMergingConfig.from_dict(merged).to_dict()
+
+    @property
+    def bridge_merging_config(self) -> TokenMergingConfig:
+        return TokenMergingConfig.from_dict(self.bridge_merging)
+
+    @property
+    def vision_merging_config(self) -> TokenMergingConfig:
+        return TokenMergingConfig.from_dict(self.vision_merging)
+
+    @property
+    def num_vision_tokens(self) -> int:
+        """Tokens entering the vision tower (patches + CLS) at the configured image size."""
+        return vision_num_tokens(self.vision_config)
+
+    @property
+    def num_bridge_input_tokens(self) -> int:
+        """Tokens leaving the vision tower (after its own merging, if any) and entering the bridge."""
+        counts = self.vision_merging_config.token_counts(self.num_vision_tokens, self.vision_config.num_hidden_layers)
+        return counts[-1] if counts else self.num_vision_tokens
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens the LLM receives per image: what the processor expands one `<image>` into."""
+        counts = self.bridge_merging_config.token_counts(
+            self.num_bridge_input_tokens, self.bridge_config.num_hidden_layers
+        )
+        return counts[-1] if counts else self.num_bridge_input_tokens
+
+
+__all__ = ["MergeBridgeConfig", "vision_num_tokens"]
