@@ -1,0 +1,9 @@
+"""Train leanvlp models with transformers' Trainer. `python train.py` runs the tiny CPU demo.
+
+See `python train.py --help` and `leanvlp/training.py`.
+"""
+
+from leanvlp.training import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
