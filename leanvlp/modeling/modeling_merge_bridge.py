@@ -262,6 +262,16 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
                                  hidden_states=out.hidden_states, image_hidden_states=image_features,
                                  bridge_token_counts=counts)
 
+    def prepare_inputs_for_generation(self, *args: Any, pixel_values: Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """Pixels only while the prompt is encoded (prefill); later steps read the visual prefix from the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("past_key_values")
+        inputs.pop("pixel_values", None)
+        if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
+            inputs["pixel_values"] = pixel_values
+        return inputs
+
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, bridge_init: str | None = None,
                                     **config_kwargs: Any) -> "MergeBridgeForConditionalGeneration":

@@ -1,0 +1,9 @@
+"""Evaluate a saved leanvlp model (caption, vqa, retrieval, speed) into its eval_results.json and model card.
+
+See `python eval.py --help` and `leanvlp/evaluation.py`.
+"""
+
+from leanvlp.evaluation import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
