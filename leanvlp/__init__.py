@@ -11,9 +11,19 @@ from .modeling.modeling_merge_bridge import (
     MergeBridgeModel,
     MergeBridgePreTrainedModel,
 )
+from .modeling.configuration_patch_align import PatchAlignConfig
+from .modeling.modeling_patch_align import (
+    PatchAlignForConditionalGeneration,
+    PatchAlignForImageTextRetrieval,
+    PatchAlignForPreTraining,
+    PatchAlignForQuestionAnswering,
+    PatchAlignModel,
+    PatchAlignPreTrainedModel,
+)
 from .modeling.token_merging import TokenMergingConfig
 from .modeling.vision_tower import TokenMergingVisionTower
 from .processing.processing_merge_bridge import MergeBridgeProcessor
+from .processing.processing_patch_align import PatchAlignProcessor
 
 __version__ = "0.1.0"
 
@@ -23,6 +33,15 @@ ENTRIES: list[AutoEntry] = [
         MergeBridgeConfig,
         {"AutoModel": MergeBridgeModel, "AutoModelForImageTextToText": MergeBridgeForConditionalGeneration},
         MergeBridgeProcessor,
+    ),
+    AutoEntry(
+        PatchAlignConfig,
+        {
+            "AutoModel": PatchAlignModel,
+            "AutoModelForPreTraining": PatchAlignForPreTraining,
+            "AutoModelForImageTextToText": PatchAlignForConditionalGeneration,
+        },
+        PatchAlignProcessor,
     ),
 ]
 
@@ -36,6 +55,14 @@ __all__ = [
     "MergeBridgeModel",
     "MergeBridgePreTrainedModel",
     "MergeBridgeProcessor",
+    "PatchAlignConfig",
+    "PatchAlignForConditionalGeneration",
+    "PatchAlignForImageTextRetrieval",
+    "PatchAlignForPreTraining",
+    "PatchAlignForQuestionAnswering",
+    "PatchAlignModel",
+    "PatchAlignPreTrainedModel",
+    "PatchAlignProcessor",
     "TokenMergingConfig",
     "TokenMergingVisionTower",
     "__version__",

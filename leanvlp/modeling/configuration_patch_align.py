@@ -1,0 +1,235 @@
+"""PatchAlign configuration: end-to-end VLP with COPA's text-aware patch detector and semantic visual heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, BertConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES"]
+
+# Vision towers with a CLS token at index 0 (the detector, ITC and the agnostic scores need it).
+PATCH_ALIGN_VISION_TYPES = ("vit", "clip_vision_model", "dinov2")
+DEFAULT_VISION = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, image_size=224, patch_size=16)
+DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None)
+HEAD_NAMES = ("object_class", "attribute", "region_feature")
+DEFAULT_HEADS = dict(
+    object_class=dict(enabled=False, weight=1.0),
+    attribute=dict(enabled=False, weight=1.0),
+    region_feature=dict(enabled=False, weight=1.0, loss="smooth_l1"),
+    layer=None,
+)
+LOSS_NAMES = ("itc", "itm", "mlm", "lm", "pta", *HEAD_NAMES)
+
+
+def _sub_config(value: dict | PretrainedConfig | None, default: dict, field: str) -> PretrainedConfig:
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"PatchAlignConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
+    value = dict(default if value is None else value)
+    model_type = value.pop("model_type", default.get("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"PatchAlignConfig.{field}: unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type](**value)
+
+
+class PatchAlignConfig(PretrainedConfig):
+    r"""
+    Configuration of the PatchAlign models: a ViT (pixels in), a BERT text encoder, BERT fusion layers that
+    cross-attend to image tokens (ITM, MLM), and a BERT decoder (causal self-attention + cross-attention + LM
+    head) for captioning and generative VQA. Inside the ViT, COPA's text-aware patch detector keeps the
+    top `keep_ratio` of the patches after block `layer`; three optional semantic heads supervise patch tokens.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*): one of `vit`, `clip_vision_model`, `dinov2`
+            (a CLS token is required). Defaults to ViT-B/16 at 224 px.
+        text_config (`dict` or `BertConfig`, *optional*): the BERT text encoder (defaults to BERT-base, 6 layers).
+        num_fusion_layers (`int`, defaults to 6): BERT layers with cross-attention to image tokens.
+        num_decoder_layers (`int`, defaults to 6): BERT layers with causal self-attention + cross-attention.
+        embed_dim (`int`, defaults to 256): ITC projection size.
+        itc_temperature (`float`, defaults to 0.07): initial ITC temperature (learnable, clamped to [0.001, 0.5]).
+        mlm_probability (`float`, defaults to 0.15): share of text tokens masked for MLM.
+        patch_detector (`dict`, *optional*): `enabled` (True), `layer` (6: prune after the 6th block, 1-based,
+            within the tower's depth), `keep_ratio` (0.5, in (0, 1]), `hidden_size` (the MLP width; None = the
+            vision width).
+        semantic_heads (`dict`, *optional*): `object_class`, `attribute`, `region_feature`, each
+            `{"enabled": bool, "weight": float}` (`region_feature` also `"loss": "smooth_l1" | "cosine"`), and
+            `layer` (1-based block whose output the heads read; None = the detector's block, or the last block
+            without a detector; must not lie after the detector's block, where the patch grid is pruned).
+        object_classes (`list[str]`): object-class vocabulary (background is added as the last class).
+        attributes (`list[str]`): attribute vocabulary.
+        teacher_size (`int`, defaults to 0): size of the teacher region features.
+        loss_weights (`dict`, *optional*): weights of `itc`, `itm`, `mlm`, `lm`, `pta` (1.0 each by default); the
+            heads' weights come from `semantic_heads`.
+        cls_token_id / sep_token_id / mask_token_id (`int`, defaults to BERT's 101 / 102 / 103): the decoder's
+            start token, its end token, and the MLM mask token (the processor builder sets them from the tokenizer).
+
+    Example:
+
+    ```python
+    >>> from leanvlp.modeling.configuration_patch_align import PatchAlignConfig
+    >>> from leanvlp.modeling.modeling_patch_align import PatchAlignForPreTraining
+    >>> config = PatchAlignConfig(
+    ...     vision_config=dict(model_type="vit", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    ...                        intermediate_size=64, image_size=32, patch_size=8),
+    ...     text_config=dict(model_type="bert", vocab_size=100, hidden_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, intermediate_size=64),
+    ...     cls_token_id=1, sep_token_id=2, mask_token_id=3,
+    ...     num_fusion_layers=1, num_decoder_layers=1, embed_dim=16,
+    ...     patch_detector=dict(layer=2, keep_ratio=0.5),
+    ... )
+    >>> model = PatchAlignForPreTraining(config)
+    >>> config.num_kept_patches
+    8
+
+    ```
+    """
+
+    model_type = "patch_align"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | PretrainedConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        num_fusion_layers: int = 6,
+        num_decoder_layers: int = 6,
+        embed_dim: int = 256,
+        itc_temperature: float = 0.07,
+        mlm_probability: float = 0.15,
+        patch_detector: dict | None = None,
+        semantic_heads: dict | None = None,
+        object_classes: list[str] | None = None,
+        attributes: list[str] | None = None,
+        teacher_size: int = 0,
+        loss_weights: dict | None = None,
+        cls_token_id: int = 101,
+        sep_token_id: int = 102,
+        mask_token_id: int = 103,
+        **kwargs: Any,
+    ) -> None:
+        self.vision_config = _sub_config(vision_config, DEFAULT_VISION, "vision_config")
+        if self.vision_config.model_type not in PATCH_ALIGN_VISION_TYPES:
+            raise ValueError(
+                f"PatchAlignConfig.vision_config: model_type {self.vision_config.model_type!r} is not supported; "
+                f"use one of {PATCH_ALIGN_VISION_TYPES}"
+            )
+        self.text_config = _sub_config(text_config, dict(model_type="bert", num_hidden_layers=6), "text_config")
+        if self.text_config.model_type != "bert":
+            raise ValueError(f"PatchAlignConfig.text_config: model_type must be 'bert', got {self.text_config.model_type!r}")
+        for name, value in (("num_fusion_layers", num_fusion_layers), ("num_decoder_layers", num_decoder_layers),
+                            ("embed_dim", embed_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PatchAlignConfig.{name} must be an int >= 1, got {value!r}")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"PatchAlignConfig.mlm_probability must be in (0, 1), got {mlm_probability!r}")
+        if not 0.0 < itc_temperature <= 0.5:
+            raise ValueError(f"PatchAlignConfig.itc_temperature must be in (0, 0.5], got {itc_temperature!r}")
+        self.num_fusion_layers = num_fusion_layers
+        self.num_decoder_layers = num_decoder_layers
+        self.embed_dim = embed_dim
+        self.itc_temperature = itc_temperature
+        self.mlm_probability = mlm_probability
+        self.object_classes = list(object_classes or [])
+        self.attributes = list(attributes or [])
+        self.teacher_size = teacher_size
+        for name, value in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
+                            ("mask_token_id", mask_token_id)):
+            if not isinstance(value, int) or not 0 <= value < self.text_config.vocab_size:
+                raise ValueError(
+                    f"PatchAlignConfig.{name} must be a token id in [0, {self.text_config.vocab_size}), got {value!r}"
+                )
+        self.cls_token_id, self.sep_token_id, self.mask_token_id = cls_token_id, sep_token_id, mask_token_id
+        self.patch_detector = self._detector(patch_detector)
+        self.semantic_heads = self._heads(semantic_heads)
+        unknown = set(loss_weights or {}) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"PatchAlignConfig.loss_weights: unknown losses {sorted(unknown)}; known: {LOSS_NAMES}")
+        self.loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0, "pta": 1.0, **(loss_weights or {})}
+        for head in HEAD_NAMES:  # the heads' weights live in their section; loss_weights may override
+            if head in (loss_weights or {}):
+                self.semantic_heads[head]["weight"] = float(self.loss_weights[head])
+            self.loss_weights[head] = self.semantic_heads[head]["weight"]
+        super().__init__(**kwargs)
+
+    def _detector(self, value: dict | None) -> dict:
+        unknown = set(value or {}) - set(DEFAULT_DETECTOR)
+        if unknown:
+            raise ValueError(f"PatchAlignConfig.patch_detector: unknown keys {sorted(unknown)}")
+        d = {**DEFAULT_DETECTOR, **(value or {})}
+        if not d["enabled"]:
+            return d
+        depth = self.vision_config.num_hidden_layers
+        if not isinstance(d["layer"], int) or not 1 <= d["layer"] <= depth:
+            raise ValueError(
+                f"PatchAlignConfig.patch_detector.layer must be an int in [1, {depth}] (the tower's depth), "
+                f"got {d['layer']!r}"
+            )
+        if not isinstance(d["keep_ratio"], (int, float)) or not 0.0 < d["keep_ratio"] <= 1.0:
+            raise ValueError(f"PatchAlignConfig.patch_detector.keep_ratio must be in (0, 1], got {d['keep_ratio']!r}")
+        return d
+
+    def _heads(self, value: dict | None) -> dict:
+        value = value or {}
+        unknown = set(value) - set(DEFAULT_HEADS)
+        if unknown:
+            raise ValueError(f"PatchAlignConfig.semantic_heads: unknown keys {sorted(unknown)}")
+        heads: dict[str, Any] = {"layer": value.get("layer")}
+        for name in HEAD_NAMES:
+            heads[name] = {**DEFAULT_HEADS[name], **(value.get(name) or {})}
+        if heads["object_class"]["enabled"] and not self.object_classes:
+            raise ValueError("PatchAlignConfig.semantic_heads.object_class is enabled but object_classes is empty")
+        if heads["attribute"]["enabled"] and not self.attributes:
+            raise ValueError("PatchAlignConfig.semantic_heads.attribute is enabled but attributes is empty")
+        if heads["region_feature"]["enabled"] and (not isinstance(self.teacher_size, int) or self.teacher_size < 1):
+            raise ValueError(
+                f"PatchAlignConfig.semantic_heads.region_feature is enabled but teacher_size={self.teacher_size!r}"
+            )
+        if heads["region_feature"]["loss"] not in ("smooth_l1", "cosine"):
+            raise ValueError(
+                f"PatchAlignConfig.semantic_heads.region_feature.loss must be 'smooth_l1' or 'cosine', "
+                f"got {heads['region_feature']['loss']!r}"
+            )
+        depth = self.vision_config.num_hidden_layers
+        last_full = self.patch_detector["layer"] if self.patch_detector["enabled"] else depth
+        layer = heads["layer"]
+        if layer is not None and (not isinstance(layer, int) or not 1 <= layer <= last_full):
+            raise ValueError(
+                f"PatchAlignConfig.semantic_heads.layer must be an int in [1, {last_full}] (blocks before the "
+                f"patch grid is pruned), got {layer!r}"
+            )
+        return heads
+
+    @property
+    def heads_layer(self) -> int:
+        """1-based block whose output the semantic heads read."""
+        if self.semantic_heads["layer"] is not None:
+            return self.semantic_heads["layer"]
+        return self.patch_detector["layer"] if self.patch_detector["enabled"] else self.vision_config.num_hidden_layers
+
+    @property
+    def num_patches(self) -> int:
+        size, patch = self.vision_config.image_size, self.vision_config.patch_size
+        size = size if isinstance(size, int) else size[0]
+        patch = patch if isinstance(patch, int) else patch[0]
+        return (size // patch) ** 2
+
+    @property
+    def num_kept_patches(self) -> int:
+        """K = round(keep_ratio * P) (all P without a detector)."""
+        if not self.patch_detector["enabled"]:
+            return self.num_patches
+        return max(1, min(self.num_patches, round(self.patch_detector["keep_ratio"] * self.num_patches)))
+
+    def cross_layer_config(self) -> BertConfig:
+        """BertConfig of a fusion (bidirectional, explicit mask) or decoder (causal) layer with cross-attention.
+
+        transformers' BertLayer only builds cross-attention with `is_decoder=True`; fusion layers always get
+        an explicit bidirectional mask, so they never run causally.
+        """
+        cfg = BertConfig(**{**self.text_config.to_dict(), "is_decoder": True, "add_cross_attention": True})
+        cfg._attn_implementation = "sdpa"
+        return cfg

@@ -1,0 +1,615 @@
+"""PatchAlign: end-to-end VLP from pixels with COPA's text-aware patch pruning and semantic visual heads.
+
+Architecture (mPLUG/ALBEF-shaped, our reading of COPA, methods.md §3):
+  ViT (pixels) --[after block k: keep the top-K patches, fuse the rest]--> image tokens
+  BERT text encoder --> text tokens; its [CLS] drives the text-aware detector
+  fusion: BERT layers, self-attention over text + cross-attention to image tokens (ITM, MLM, VQA)
+  decoder: BERT layers, causal self-attention + cross-attention, LM head (captions, answers)
+
+Which image tokens each path sees (the ITC image embedding must not depend on the paired text):
+  - ITC, ITM, captioning LM and retrieval: the text-agnostic branch (patches scored by their cosine
+    similarity with CLS at block k). ITM uses it too, because a hard-negative pair (image j, text i)
+    would otherwise need image j re-pruned by text i.
+  - MLM and the PTA loss: the text-aware branch, scored with the [CLS] of the *masked* caption (so
+    the masked words cannot leak into the patch choice). VQA: text-aware with the question's [CLS].
+  Blocks 1..k run once; both branches then run the remaining blocks stacked on the batch axis.
+With the detector disabled every path sees the full, unpruned tower output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoModel, BertModel, GenerationMixin, PreTrainedModel, ViTModel
+from transformers import initialization as init
+from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
+from transformers.utils import ModelOutput
+
+from .configuration_patch_align import PatchAlignConfig
+from .patch_selection import DualPatchSelectionHook, PatchSelectionHook, TextAwarePatchDetector, pta_loss
+from .semantic_heads import IGNORE_INDEX, SemanticHeads
+from .token_merging import BlockHook, MergeState
+from .vision_tower import TokenMergingVisionTower
+
+__all__ = [
+    "PatchAlignPreTrainedModel",
+    "PatchAlignModel",
+    "PatchAlignForPreTraining",
+    "PatchAlignForImageTextRetrieval",
+    "PatchAlignForConditionalGeneration",
+    "PatchAlignForQuestionAnswering",
+    "PatchAlignModelOutput",
+    "PatchAlignForPreTrainingOutput",
+    "PatchAlignRetrievalOutput",
+    "PatchAlignGenerationOutput",
+    "mask_tokens",
+    "sample_hard_negatives",
+]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class PatchAlignModelOutput(ModelOutput):
+    """image_embeds: text-agnostic image tokens (B, N', Cv); fused: text attending to text-aware tokens."""
+
+    image_embeds: Tensor | None = None
+    text_embeds: Tensor | None = None  # (B, T, Ct)
+    image_feat: Tensor | None = None  # (B, D) L2-normalised ITC embedding
+    text_feat: Tensor | None = None  # (B, D)
+    fused_embeds: Tensor | None = None  # (B, T, Ct)
+    patch_scores: Tensor | None = None  # (B, P) text-aware detector scores
+    kept_patches: Tensor | None = None  # (B, K) indices of the kept patches, spatial order
+
+
+@dataclass
+class PatchAlignForPreTrainingOutput(ModelOutput):
+    """`loss` = sum of config.loss_weights[name] * loss_name over the terms that were computed."""
+
+    loss: Tensor | None = None
+    loss_itc: Tensor | None = None
+    loss_itm: Tensor | None = None
+    loss_mlm: Tensor | None = None
+    loss_lm: Tensor | None = None
+    loss_pta: Tensor | None = None
+    loss_object_class: Tensor | None = None
+    loss_attribute: Tensor | None = None
+    loss_region_feature: Tensor | None = None
+    logits_per_image: Tensor | None = None  # (B, B_all) ITC
+    itm_logits: Tensor | None = None  # (3B, 2): positives, (image, hard text), (hard image, text)
+    itm_negative_texts: Tensor | None = None  # (B,) text index paired with image i as a negative
+    itm_negative_images: Tensor | None = None  # (B,) image index paired with text i as a negative
+    patch_scores: Tensor | None = None  # (B, P)
+    kept_patches: Tensor | None = None  # (B, K)
+
+
+@dataclass
+class PatchAlignRetrievalOutput(ModelOutput):
+    """itc_scores (B_img, B_txt); i2t/t2i: ITM match probability on each row's ITC top-k, -inf elsewhere."""
+
+    loss: Tensor | None = None
+    itc_scores: Tensor | None = None
+    i2t_scores: Tensor | None = None
+    t2i_scores: Tensor | None = None
+
+
+@dataclass
+class PatchAlignGenerationOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, T, V)
+    encoder_hidden_states: Tensor | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: list[int],
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: pick `probability` of the real, non-special tokens; 80% [MASK], 10% random, 10% kept.
+
+    Returns (masked input_ids, labels with IGNORE_INDEX on unpicked tokens).
+    """
+    dev = input_ids.device
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=dev))
+    picked = (torch.rand(input_ids.shape, generator=generator, device=dev) < probability) & candidates
+    labels = input_ids.masked_fill(~picked, IGNORE_INDEX)
+    roll = torch.rand(input_ids.shape, generator=generator, device=dev)
+    masked = input_ids.masked_fill(picked & (roll < 0.8), mask_token_id)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
+    masked = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
+    return masked, labels
+
+
+def sample_hard_negatives(similarity: Tensor, positives: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """For each row, a column drawn with probability softmax(similarity) among the non-positive columns.
+
+    similarity (B, M); positives (B, M) bool marks every true pair (default: the diagonal). A row with
+    no negative column raises: there is nothing to contrast with.
+    """
+    B, M = similarity.shape
+    if positives is None:
+        positives = torch.eye(B, M, dtype=torch.bool, device=similarity.device)
+    if (~positives).sum(1).min() == 0:
+        raise ValueError("sample_hard_negatives: a row has no negative candidate (batch of one pair?)")
+    with torch.no_grad():
+        weights = similarity.float().softmax(dim=1).masked_fill(positives, 0.0)
+        weights = weights + (~positives).float() * 1e-12  # underflow guard: every negative stays possible
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """All-gather along dim 0 keeping gradients (torch.distributed.nn); (x, 0) when not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x, 0
+    if torch.distributed.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0), torch.distributed.get_rank() * x.shape[0]
+
+
+def _padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) 1/0 -> additive (B, 1, 1, T)."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _causal_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) 1/0 -> additive causal + padding (B, 1, T, T)."""
+    T = mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal[None, None] & mask[:, None, None, :].bool()
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+
+class _CaptureHook(BlockHook):
+    """Records the hidden states after one block (before any pruning at that block: list it first)."""
+
+    def __init__(self, layer_idx: int):
+        self.layer_idx, self.hidden = layer_idx, None
+
+    def after_block(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
+        if layer_idx == self.layer_idx:
+            self.hidden = hidden
+        return hidden, state
+
+
+class _LMHead(nn.Module):
+    """BERT prediction head: dense + act + LayerNorm, then the vocabulary projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+def _build_vision_model(config) -> PreTrainedModel:
+    if config.model_type == "vit":
+        return ViTModel(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+@dataclass
+class ImageEncoding:
+    agnostic: Tensor  # (B, N', Cv) tokens for ITC / ITM / LM
+    aware: Tensor | None  # (B, N', Cv) tokens pruned with the text, or None
+    logits: Tensor | None  # (B, P) text-aware detector logits
+    kept: Tensor | None  # (B, K)
+    patches: Tensor | None  # (B, P, Cv) unpruned patch tokens for the semantic heads
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class PatchAlignPreTrainedModel(PreTrainedModel):
+    config_class = PatchAlignConfig
+    base_model_prefix = "patch_align"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["BertLayer", "ViTLayer", "CLIPEncoderLayer", "Dinov2Layer"]
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.text_config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PatchAlignModel):
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.itc_temperature))
+
+
+class PatchAlignModel(PatchAlignPreTrainedModel):
+    """The shared backbone: vision tower (+ detector), text encoder, fusion layers, decoder, ITC projections."""
+
+    def __init__(self, config: PatchAlignConfig):
+        super().__init__(config)
+        vcfg, tcfg = config.vision_config, config.text_config
+        self.vision_tower = TokenMergingVisionTower(_build_vision_model(vcfg))
+        self.text_model = BertModel(tcfg, add_pooling_layer=False)
+        self.image_to_text = nn.Linear(vcfg.hidden_size, tcfg.hidden_size)  # image tokens -> cross-attention width
+        cross = config.cross_layer_config()
+        self.fusion_layers = nn.ModuleList([BertLayer(cross, layer_idx=i) for i in range(config.num_fusion_layers)])
+        self.decoder_layers = nn.ModuleList([BertLayer(cross, layer_idx=i) for i in range(config.num_decoder_layers)])
+        self.vision_proj = nn.Linear(vcfg.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(tcfg.hidden_size, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.itc_temperature)))
+        det = config.patch_detector
+        if det["enabled"] and self.vision_tower.num_layers < det["layer"]:
+            raise ValueError(
+                f"patch_detector.layer={det['layer']} exceeds the vision tower's {self.vision_tower.num_layers} layers"
+            )
+        if det["enabled"]:
+            self.detector = TextAwarePatchDetector(vcfg.hidden_size, tcfg.hidden_size, det["hidden_size"])
+        self.post_init()
+
+    # -- encoders ------------------------------------------------------------------------
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Unimodal BERT: (B, T) -> (B, T, Ct)."""
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_image(self, pixel_values: Tensor, text_cls: Tensor | None = None, want_patches: bool = False) -> ImageEncoding:
+        """Run the tower once; text_cls (B, Ct) adds the text-aware branch next to the agnostic one."""
+        det = self.config.patch_detector
+        hooks: list[BlockHook] = []
+        capture = None
+        if want_patches:
+            capture = _CaptureHook(self.config.heads_layer - 1)
+            hooks.append(capture)
+        agnostic = aware = None
+        if det["enabled"]:
+            k = det["layer"] - 1
+            agnostic = PatchSelectionHook(k, det["keep_ratio"])
+            if text_cls is not None:
+                aware = PatchSelectionHook(k, det["keep_ratio"], self.detector, text=text_cls)
+                hooks.append(DualPatchSelectionHook(agnostic, aware))
+            else:
+                hooks.append(agnostic)
+        out = self.vision_tower(pixel_values, hooks=hooks).last_hidden_state
+        B = pixel_values.shape[0]
+        patches = capture.hidden[:, 1:] if capture is not None else None
+        if aware is not None:
+            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches)
+        if det["enabled"]:
+            return ImageEncoding(out, None, None, agnostic.kept, patches)
+        return ImageEncoding(out, out if text_cls is not None else None, None, None, patches)
+
+    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:
+        """Fusion layers: bidirectional self-attention over text, cross-attention to image tokens."""
+        hidden, memory = text_embeds, self.image_to_text(image_embeds)
+        bias = _padding_bias(attention_mask, hidden.dtype)
+        for layer in self.fusion_layers:
+            hidden = layer(hidden, attention_mask=bias, encoder_hidden_states=memory)
+        return hidden
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor | None, memory: Tensor) -> Tensor:
+        """Decoder: shared text embeddings, causal self-attention, cross-attention to memory (B, M, Ct)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.text_model.embeddings(input_ids=input_ids)
+        bias = _causal_bias(attention_mask, hidden.dtype)
+        for layer in self.decoder_layers:
+            hidden = layer(hidden, attention_mask=bias, encoder_hidden_states=memory)
+        return hidden
+
+    def image_feature(self, image_embeds: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_feature(self, text_embeds: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        **kwargs,
+    ) -> PatchAlignModelOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = self.encode_text(input_ids, attention_mask)
+        enc = self.encode_image(pixel_values, text_cls=text[:, 0])
+        return PatchAlignModelOutput(
+            image_embeds=enc.agnostic,
+            text_embeds=text,
+            image_feat=self.image_feature(enc.agnostic),
+            text_feat=self.text_feature(text),
+            fused_embeds=self.fuse(text, attention_mask, enc.aware),
+            patch_scores=enc.logits.sigmoid() if enc.logits is not None else None,
+            kept_patches=enc.kept,
+        )
+
+
+class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
+    """All pretraining objectives: ITC, ITM (hard negatives), MLM, captioning LM, PTA, semantic heads."""
+
+    def __init__(self, config: PatchAlignConfig):
+        super().__init__(config)
+        tcfg, heads = config.text_config, config.semantic_heads
+        self.patch_align = PatchAlignModel(config)
+        self.itm_head = nn.Linear(tcfg.hidden_size, 2)
+        self.mlm_head = _LMHead(tcfg)
+        self.lm_head = _LMHead(tcfg)
+        self.semantic_heads = SemanticHeads(
+            config.vision_config.hidden_size,
+            num_classes=len(config.object_classes),
+            num_attributes=len(config.attributes),
+            teacher_size=config.teacher_size,
+            object_class=heads["object_class"]["enabled"],
+            attribute=heads["attribute"]["enabled"],
+            region_feature=heads["region_feature"]["enabled"],
+            region_loss=heads["region_feature"]["loss"],
+        )
+        self.post_init()
+
+    def _itc(self, image_feat: Tensor, text_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        all_text, offset = _gather_with_grad(text_feat)
+        all_image, _ = _gather_with_grad(image_feat)
+        scale = self.patch_align.logit_scale.clamp(max=math.log(1000.0), min=math.log(2.0)).exp()
+        logits_i2t = scale * image_feat @ all_text.t()  # (B, B_all)
+        logits_t2i = scale * text_feat @ all_image.t()
+        targets = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
+        loss = (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
+        return loss, logits_i2t, logits_t2i
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        patch_labels: Tensor | None = None,
+        pta_mask: Tensor | None = None,
+        class_labels: Tensor | None = None,
+        attribute_labels: Tensor | None = None,
+        attribute_mask: Tensor | None = None,
+        region_box_masks: Tensor | None = None,
+        region_features: Tensor | None = None,
+        region_mask: Tensor | None = None,
+        **kwargs,
+    ) -> PatchAlignForPreTrainingOutput:
+        cfg, pa, w = self.config, self.patch_align, self.config.loss_weights
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        B = input_ids.shape[0]
+        text = pa.encode_text(input_ids, attention_mask)  # (B, T, Ct)
+        tok = cfg.text_config
+        special = [i for i in (tok.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id) if i is not None]
+        masked_ids, mlm_labels = mask_tokens(
+            input_ids, attention_mask, cfg.mask_token_id, tok.vocab_size, special, cfg.mlm_probability
+        )
+        masked_text = pa.encode_text(masked_ids, attention_mask)
+        want_patches = any(cfg.semantic_heads[h]["enabled"] for h in ("object_class", "attribute", "region_feature"))
+        enc = pa.encode_image(pixel_values, text_cls=masked_text[:, 0], want_patches=want_patches)
+        losses: dict[str, Tensor] = {}
+
+        # ITC (text-agnostic image embedding)
+        image_feat, text_feat = pa.image_feature(enc.agnostic), pa.text_feature(text)
+        losses["itc"], logits_i2t, logits_t2i = self._itc(image_feat, text_feat)
+
+        # ITM: positives + one hard negative text per image and one hard negative image per text
+        neg_text = neg_image = itm_logits = None
+        if B > 1:
+            same_text = (input_ids[:, None] == input_ids[None]).all(-1) & (
+                attention_mask[:, None] == attention_mask[None]
+            ).all(-1)  # identical captions are positives too
+            eye = torch.eye(B, dtype=torch.bool, device=input_ids.device)
+            pos = same_text if (~same_text).sum(1).min() > 0 else eye
+            sim = (image_feat @ text_feat.t()).detach()  # (B, B) local pairs
+            neg_text = sample_hard_negatives(sim, pos)
+            neg_image = sample_hard_negatives(sim.t(), pos.t())
+            texts = torch.cat([text, text[neg_text], text])
+            masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+            images = torch.cat([enc.agnostic, enc.agnostic, enc.agnostic[neg_image]])
+            itm_logits = self.itm_head(pa.fuse(texts, masks, images)[:, 0])  # (3B, 2)
+            itm_targets = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
+            losses["itm"] = F.cross_entropy(itm_logits, itm_targets)
+
+        # MLM on the text-aware image tokens
+        mlm_logits = self.mlm_head(pa.fuse(masked_text, attention_mask, enc.aware))
+        n_masked = (mlm_labels != IGNORE_INDEX).sum()
+        losses["mlm"] = F.cross_entropy(
+            mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ) / n_masked.clamp(min=1)
+
+        # captioning LM: the image is the prefix, the caption the continuation
+        memory = pa.image_to_text(enc.agnostic)
+        lm_logits = self.lm_head(pa.decode(input_ids, attention_mask, memory))
+        lm_labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        losses["lm"] = F.cross_entropy(lm_logits[:, :-1].flatten(0, 1), lm_labels.flatten(), ignore_index=IGNORE_INDEX)
+
+        # PTA on the detector's scores
+        if enc.logits is not None and patch_labels is not None:
+            mask = pta_mask if pta_mask is not None else torch.ones(B, dtype=torch.bool, device=input_ids.device)
+            losses["pta"] = pta_loss(enc.logits, patch_labels, mask)
+
+        if enc.patches is not None:
+            losses.update(
+                self.semantic_heads(
+                    enc.patches, class_labels, attribute_labels, attribute_mask, region_box_masks, region_features,
+                    region_mask,
+                )
+            )
+        loss = sum(w[name] * value for name, value in losses.items())
+        return PatchAlignForPreTrainingOutput(
+            loss=loss,
+            **{f"loss_{name}": value for name, value in losses.items()},
+            logits_per_image=logits_i2t,
+            itm_logits=itm_logits,
+            itm_negative_texts=neg_text,
+            itm_negative_images=neg_image,
+            patch_scores=enc.logits.sigmoid() if enc.logits is not None else None,
+            kept_patches=enc.kept,
+        )
+
+
+class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
+    """ITC scores every (image, text) pair; the ITM head re-ranks each row's top-k."""
+
+    def __init__(self, config: PatchAlignConfig):
+        super().__init__(config)
+        self.patch_align = PatchAlignModel(config)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+        self.post_init()
+
+    def _itm_scores(self, text: Tensor, mask: Tensor, images: Tensor, pairs: Tensor) -> Tensor:
+        """pairs (n, 2) of (image, text) indices -> match probability (n,)."""
+        fused = self.patch_align.fuse(text[pairs[:, 1]], mask[pairs[:, 1]], images[pairs[:, 0]])
+        return self.itm_head(fused[:, 0]).softmax(-1)[:, 1]
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        k: int = 16,
+        **kwargs,
+    ) -> PatchAlignRetrievalOutput:
+        pa = self.patch_align
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"retrieval k must be an int >= 1, got {k!r}")
+        text = pa.encode_text(input_ids, attention_mask)
+        images = pa.encode_image(pixel_values).agnostic
+        itc = pa.image_feature(images) @ pa.text_feature(text).t()  # (Bi, Bt)
+        out = {}
+        for name, scores in (("i2t", itc), ("t2i", itc.t())):
+            top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (R, k)
+            rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top)
+            pairs = torch.stack([rows.flatten(), top.flatten()], dim=1)
+            if name == "t2i":
+                pairs = pairs.flip(1)  # rows are texts: (image, text) = (top, row)
+            reranked = torch.full_like(scores, float("-inf"))
+            reranked[rows.flatten(), top.flatten()] = self._itm_scores(text, attention_mask, images, pairs)
+            out[f"{name}_scores"] = reranked
+        return PatchAlignRetrievalOutput(itc_scores=itc, **out)
+
+
+class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMixin):
+    """Captioning: the decoder reads the text-agnostic image tokens; `input_ids` are the decoder tokens.
+
+    With `question_input_ids` (VQA), the question is encoded, prunes the image text-aware and is
+    fused with it; the decoder then reads the fused question tokens (mPLUG-style answer decoder).
+    """
+
+    main_input_name = "input_ids"  # GenerationMixin's prompt; pixel_values travel as a keyword
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: PatchAlignConfig):
+        super().__init__(config)
+        self.patch_align = PatchAlignModel(config)
+        self.lm_head = _LMHead(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_align.text_model.embeddings.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head.decoder
+
+    def encode_memory(
+        self,
+        pixel_values: Tensor,
+        question_input_ids: Tensor | None = None,
+        question_attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """What the decoder cross-attends to: (memory (B, M, Ct), memory mask (B, M) or None)."""
+        pa = self.patch_align
+        if question_input_ids is None:
+            return pa.image_to_text(pa.encode_image(pixel_values).agnostic), None
+        if question_attention_mask is None:
+            question_attention_mask = torch.ones_like(question_input_ids)
+        question = pa.encode_text(question_input_ids, question_attention_mask)
+        image = pa.encode_image(pixel_values, text_cls=question[:, 0]).aware
+        return pa.fuse(question, question_attention_mask, image), question_attention_mask
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        question_input_ids: Tensor | None = None,
+        question_attention_mask: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        **kwargs,
+    ) -> PatchAlignGenerationOutput:
+        """labels (B, T) aligned with input_ids (shifted inside); IGNORE_INDEX on prompt and padding."""
+        if input_ids is None:
+            raise ValueError(f"{type(self).__name__}.forward needs input_ids (the decoder tokens)")
+        if encoder_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError(f"{type(self).__name__}.forward needs pixel_values or encoder_hidden_states")
+            encoder_hidden_states, _ = self.encode_memory(pixel_values, question_input_ids, question_attention_mask)
+        logits = self.lm_head(self.patch_align.decode(input_ids, attention_mask, encoder_hidden_states))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return PatchAlignGenerationOutput(loss=loss, logits=logits, encoder_hidden_states=encoder_hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      encoder_hidden_states: Tensor | None = None, **kwargs) -> dict:
+        """No KV cache: the decoder re-reads the whole prefix each step (short captions, small decoder)."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "encoder_hidden_states": encoder_hidden_states}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        question_input_ids: Tensor | None = None,
+        question_attention_mask: Tensor | None = None,
+        **kwargs,
+    ):
+        """Encode the image (and question) once, then GenerationMixin's greedy / beam search on the decoder.
+
+        input_ids: an optional decoder prompt; defaults to [CLS] (the decoder's start token).
+        """
+        if pixel_values is None:
+            raise ValueError(f"{type(self).__name__}.generate needs pixel_values")
+        memory, _ = self.encode_memory(pixel_values, question_input_ids, question_attention_mask)
+        B = pixel_values.shape[0]
+        if input_ids is None:
+            input_ids = torch.full((B, 1), self.config.cls_token_id, dtype=torch.long, device=pixel_values.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.setdefault("eos_token_id", self.config.sep_token_id)
+        kwargs.setdefault("pad_token_id", self.config.text_config.pad_token_id)
+        kwargs.setdefault("use_cache", False)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory, **kwargs)
+
+
+class PatchAlignForQuestionAnswering(PatchAlignForConditionalGeneration):
+    """Generative VQA: question -> text-aware pruning + fusion -> answer decoder. Needs question_input_ids."""
+
+    def encode_memory(self, pixel_values, question_input_ids=None, question_attention_mask=None):
+        if question_input_ids is None:
+            raise ValueError("PatchAlignForQuestionAnswering needs question_input_ids (the tokenised question)")
+        return super().encode_memory(pixel_values, question_input_ids, question_attention_mask)

@@ -1,0 +1,109 @@
+"""Text-aware patch detector: top-K selection, score-weighted fusion, block-loop hook, PTA loss."""
+
+import pytest
+import torch
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+
+from leanvlp.modeling.patch_selection import (
+    PatchSelectionHook,
+    TextAwarePatchDetector,
+    cls_similarity_scores,
+    num_kept_patches,
+    pta_loss,
+    select_and_fuse,
+)
+from leanvlp.modeling.token_merging import (
+    BertLayerAdapter,
+    MergeState,
+    TokenMergingConfig,
+    run_token_merging,
+)
+
+
+def test_select_and_fuse_by_hand():
+    hidden = torch.arange(6 * 2, dtype=torch.float32).view(1, 6, 2)  # CLS + 5 patches
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2]])
+    sizes = torch.tensor([[[1.0], [1.0], [2.0], [1.0], [3.0], [1.0]]])
+    sources = torch.eye(6).view(1, 6, 6)
+    out, new_sizes, new_sources, kept = select_and_fuse(hidden, scores, 2, sizes, sources)
+    assert kept.tolist() == [[1, 3]]  # patches 1 and 3, spatial order
+    assert out.shape == (1, 4, 2)  # CLS + K + fused
+    torch.testing.assert_close(out[0, :3], hidden[0, [0, 2, 4]])
+    w = torch.softmax(torch.tensor([0.1, 0.3, 0.2]), 0)  # dropped patches 0, 2, 4 -> tokens 1, 3, 5
+    torch.testing.assert_close(out[0, 3], (w[:, None] * hidden[0, [1, 3, 5]]).sum(0))
+    assert new_sizes[0, :, 0].tolist() == [1.0, 2.0, 3.0, 1.0 + 1.0 + 1.0]
+    assert new_sizes.sum() == sizes.sum()
+    assert new_sources[0, 3].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_num_kept_and_bad_keep_ratio():
+    assert num_kept_patches(196, 0.5) == 98 and num_kept_patches(196, 1.0) == 196
+    assert num_kept_patches(4, 0.01) == 1
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=f"keep_ratio.*{bad}"):
+            num_kept_patches(196, bad)
+
+
+def _bert_layers(n: int = 4, hidden: int = 32) -> torch.nn.ModuleList:
+    cfg = BertConfig(hidden_size=hidden, num_attention_heads=4, intermediate_size=64, attn_implementation="sdpa")
+    return torch.nn.ModuleList([BertLayer(cfg) for _ in range(n)]).eval()
+
+
+@pytest.mark.parametrize("keep_ratio,expected", [(0.5, 8), (0.25, 4), (0.7, 11)])
+def test_after_block_k_exactly_k_plus_2_tokens(keep_ratio, expected):
+    layers, x = _bert_layers(), torch.randn(2, 17, 32)  # CLS + 16 patches
+    detector = TextAwarePatchDetector(32, 12)
+    hook = PatchSelectionHook(1, keep_ratio, detector, text=torch.randn(2, 12))
+    out = run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x, hooks=[hook], track_sources=True)
+    assert out.token_counts == [17, expected + 2, expected + 2, expected + 2]
+    assert hook.kept.shape == (2, expected) and hook.logits.shape == (2, 16)
+    assert torch.equal(out.sizes.sum(1), torch.full((2, 1), 17.0))
+    torch.testing.assert_close(out.sources.sum(-1, keepdim=True), out.sizes)
+
+
+def test_keep_ratio_one_equals_unpruned_exactly():
+    layers, x = _bert_layers(), torch.randn(2, 17, 32)
+    plain = run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x)
+    for text in (torch.randn(2, 12), None):  # text-aware and text-agnostic
+        hook = PatchSelectionHook(1, 1.0, TextAwarePatchDetector(32, 12), text=text)
+        out = run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x, hooks=[hook])
+        assert out.token_counts == [17] * 4
+        assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+
+
+def test_text_agnostic_mode_ignores_text_and_uses_cls_similarity():
+    hidden = torch.randn(3, 9, 16)
+    hook = PatchSelectionHook(0, 0.5)
+    out, state = hook.after_block(0, hidden, MergeState(sizes=torch.ones(3, 9, 1)))
+    torch.testing.assert_close(hook.scores, cls_similarity_scores(hidden))
+    assert out.shape == (3, 1 + 4 + 1, 16) and hook.logits is None
+    assert state.sizes[:, :, 0].tolist() == [[1, 1, 1, 1, 1, 4]] * 3
+
+
+def test_text_changes_the_selection():
+    torch.manual_seed(1)
+    detector = TextAwarePatchDetector(16, 8)
+    patches = torch.randn(1, 32, 16)
+    a, b = detector(patches, torch.randn(1, 8) * 5), detector(patches, torch.randn(1, 8) * 5)
+    assert not torch.equal(a.topk(16).indices.sort().values, b.topk(16).indices.sort().values)
+
+
+def test_pta_loss_masks_unannotated_samples_without_dilution():
+    logits = torch.randn(4, 10, requires_grad=True)
+    labels = (torch.rand(4, 10) > 0.5).float()
+    mask = torch.tensor([True, False, True, False])
+    loss = pta_loss(logits, labels, mask)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], labels[mask])
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert logits.grad[~mask].abs().sum() == 0
+    assert pta_loss(logits, labels, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+
+
+def test_detector_gets_gradient_through_the_fused_token():
+    layers, x = _bert_layers(2), torch.randn(2, 17, 32)
+    detector = TextAwarePatchDetector(32, 12)
+    hook = PatchSelectionHook(0, 0.5, detector, text=torch.randn(2, 12))
+    run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x, hooks=[hook]).last_hidden_state.sum().backward()
+    assert detector.fc1.weight.grad is not None and detector.fc1.weight.grad.abs().sum() > 0

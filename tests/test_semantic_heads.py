@@ -1,0 +1,92 @@
+"""Semantic visual heads: masking without dilution, switched-off heads, overfitting a tiny batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanvlp.modeling.semantic_heads import IGNORE_INDEX, RegionFeatureHead, SemanticHeads
+
+
+def _targets(B=4, P=16, A=5, M=3, D=8, C=6):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        class_labels=torch.randint(0, C + 1, (B, P), generator=g),
+        attribute_labels=(torch.rand(B, P, A, generator=g) > 0.5).float(),
+        attribute_mask=torch.rand(B, P, generator=g) > 0.3,
+        region_box_masks=torch.rand(B, M, P, generator=g) > 0.5,
+        region_features=torch.randn(B, M, D, generator=g),
+        region_mask=torch.ones(B, M, dtype=torch.bool),
+    )
+
+
+def _heads(**on):
+    kw = dict(object_class=False, attribute=False, region_feature=False)
+    kw.update(on)
+    return SemanticHeads(32, num_classes=6, num_attributes=5, teacher_size=8, **kw)
+
+
+def test_switched_off_heads_have_no_parameters_and_no_terms():
+    assert sum(p.numel() for p in _heads().parameters()) == 0
+    assert _heads()(torch.randn(4, 16, 32), **_targets()) == {}
+    only = _heads(attribute=True)
+    assert set(only(torch.randn(4, 16, 32), **_targets())) == {"attribute"}
+    assert {n.split(".")[0] for n, _ in only.named_parameters()} == {"attribute"}
+
+
+def test_unannotated_samples_contribute_zero_and_do_not_dilute():
+    heads = _heads(object_class=True, attribute=True, region_feature=True)
+    x, t = torch.randn(4, 16, 32), _targets()
+    ref = {k: v for k, v in heads(x[:2], **{k: v[:2] for k, v in t.items()}).items()}
+    # samples 2, 3 carry no annotation: ignore-index classes, empty attribute masks, invalid boxes
+    t["class_labels"][2:] = IGNORE_INDEX
+    t["attribute_mask"][2:] = False
+    t["region_mask"][2:] = False
+    got = heads(x, **t)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])
+
+
+def test_losses_match_their_definitions():
+    heads = _heads(object_class=True, attribute=True)
+    x, t = torch.randn(4, 16, 32), _targets()
+    losses = heads(x, **t)
+    ce = F.cross_entropy(heads.object_class(x).flatten(0, 1), t["class_labels"].flatten())
+    torch.testing.assert_close(losses["object_class"], ce)
+    m = t["attribute_mask"]
+    bce = F.binary_cross_entropy_with_logits(heads.attribute(x)[m], t["attribute_labels"][m])
+    torch.testing.assert_close(losses["attribute"], bce)
+
+
+def test_region_pooling_and_cosine_loss():
+    head = RegionFeatureHead(4, 3, loss_type="cosine")
+    x = torch.randn(1, 4, 4)
+    masks = torch.tensor([[[True, True, False, False]]])
+    pooled = x[0, :2].mean(0)
+    torch.testing.assert_close(head(x, masks)[0, 0], head.proj(head.norm(pooled)))
+    with pytest.raises(ValueError, match="loss_type.*'l2'"):
+        RegionFeatureHead(4, 3, loss_type="l2")
+
+
+def test_batch_without_annotations_gives_zero_that_touches_parameters():
+    heads = _heads(object_class=True)
+    loss = heads(torch.randn(2, 16, 32), class_labels=torch.full((2, 16), IGNORE_INDEX))["object_class"]
+    assert loss.item() == 0.0
+    loss.backward()
+    assert heads.object_class.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("head", ["object_class", "attribute", "region_feature"])
+def test_each_head_overfits_a_tiny_batch(head):
+    torch.manual_seed(0)
+    heads = _heads(**{head: True})
+    x = torch.randn(4, 16, 32)
+    t = _targets()
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = heads(x, **t)[head]
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (head, first, loss.item())
