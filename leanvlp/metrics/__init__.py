@@ -20,6 +20,17 @@ EVALUATE_MODULES_DIR = Path(__file__).resolve().parent / "evaluate_modules"
 EVALUATE_MODULES = ("bleu", "cider", "rouge", "vqa_accuracy", "retrieval")
 
 
+def text_pair_features() -> list:
+    """evaluate input spec shared by our modules: one prediction string per sample and either a list of
+    reference strings or a single reference string."""
+    import datasets
+
+    return [
+        datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+        datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+    ]
+
+
 def module_path(name: str) -> Path:
     """Folder of the local evaluate module `name` (one of EVALUATE_MODULES)."""
     short = name.removeprefix("leanvlp_")
@@ -36,6 +47,7 @@ def load(name: str, **kwargs: Any) -> Any:
 
 
 __all__ = [
+    "text_pair_features",
     "EVALUATE_MODULES",
     "bleu",
     "caption_metrics",

@@ -5,8 +5,8 @@ Loads by path with the Hub offline: `leanvlp.metrics.load("cider")`. The computa
 The idf comes from the references of all samples passed in one `compute` call.
 """
 
-import datasets
 import evaluate
+from leanvlp.metrics import text_pair_features
 from leanvlp.metrics.caption import cider_d
 
 _CITATION = """\
@@ -39,12 +39,7 @@ class LeanvlpCider(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=text_pair_features(),
         )
 
     def _compute(self, predictions: list[str], references: list) -> dict[str, float]:

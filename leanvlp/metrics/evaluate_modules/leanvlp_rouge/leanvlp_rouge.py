@@ -4,8 +4,8 @@ Loads by path with the Hub offline: `leanvlp.metrics.load("rouge")`. The computa
 `leanvlp.metrics.caption.rouge_l` (imported absolutely: evaluate copies this file into its cache).
 """
 
-import datasets
 import evaluate
+from leanvlp.metrics import text_pair_features
 from leanvlp.metrics.caption import rouge_l
 
 _CITATION = """\
@@ -38,12 +38,7 @@ class LeanvlpRouge(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=text_pair_features(),
         )
 
     def _compute(self, predictions: list[str], references: list) -> dict[str, float]:
