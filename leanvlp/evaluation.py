@@ -11,12 +11,13 @@ Tasks
 - vqa: an answer to every question of every image (the family's VQA prompt) -> VQA soft accuracy.
 - retrieval: R@1/5/10 in both directions and their mean. MergeBridge is generative, so this is
   **likelihood-based retrieval**: score[i, j] = the mean log-likelihood of caption j (its tokens and EOS) given
-  image i; every caption of an image counts as a positive.
+  image i; every caption of an image counts as a positive. PatchAlign: ITC similarity for every pair, each row's
+  top-k re-ranked by the ITM head; with boxes in the data also `pta_precision`, the patch detector's R-precision.
 - speed: the family's technique on and off side by side, same weights (MergeBridge: bridge merging at the
-  config's r vs r=0): FLOPs per image of the image encoding and of one full caption forward
+  config's r vs r=0; PatchAlign: the patch detector at the config's keep ratio vs 1.0, which equals no pruning): FLOPs per image of the image encoding and of one full caption forward
   (`torch.utils.flop_counter`), visual tokens at each stage, throughput (warm-up, then the median of repeats) and
   peak memory. `--sweep 0,4,8` also measures speed and caption CIDEr-D for each value (MergeBridge: r) and draws
-  `speed_quality.png` in the model folder.
+  `speed_quality.png` in the model folder (PatchAlign: keep ratios, e.g. `--sweep 1.0,0.7,0.5,0.3`).
 
 Peak memory is the extra memory a call needs over the loaded model and its inputs. CUDA:
 `torch.cuda.max_memory_allocated()` during the call minus the allocation before it. CPU (PyTorch keeps no CPU
@@ -119,17 +120,18 @@ class EvalArguments:
             self.split = DEFAULT_SPLITS[self.data]
 
     @property
-    def sweep_values(self) -> list[int]:
-        """'0,4,8' -> [0, 4, 8]."""
+    def sweep_values(self) -> list[int | float]:
+        """'0,4,8' -> [0, 4, 8] (MergeBridge r); '1.0,0.5' -> [1.0, 0.5] (PatchAlign keep ratio)."""
         if self.sweep is None:
             return []
+        parts = [v.strip() for v in self.sweep.split(",") if v.strip()]
         try:
-            values = [int(v) for v in self.sweep.split(",") if v.strip()]
+            values = [float(v) if "." in v else int(v) for v in parts]
         except ValueError:
-            raise ValueError(
-                f"--sweep: expected comma-separated integers like '0,4,8,16', got {self.sweep!r}") from None
+            values = []
         if not values or any(v < 0 for v in values):
-            raise ValueError(f"--sweep: expected non-negative integers like '0,4,8,16', got {self.sweep!r}")
+            raise ValueError(f"--sweep: expected comma-separated integers (MergeBridge r, e.g. '0,4,8,16') or keep "
+                             f"ratios (PatchAlign, e.g. '1.0,0.7,0.5'), got {self.sweep!r}")
         return values
 
 
@@ -386,7 +388,8 @@ class MergeBridgeEvaluator:
     same weights with r = 0 (the LLM then reads every vision token).
 
     A family's evaluator (see EVALUATORS) provides: `from_pretrained`, `image_size`; quality: `generate_report`,
-    `retrieval_scores`; the technique: `knob`, `settings`, `setting`, `knob_value`; speed: `batch`, `encode`,
+    `retrieval_scores`, `retrieval_method`, `retrieval_extras`; the technique: `knob`, `settings`, `setting`,
+    `knob_value`, `check_sweep`; speed: `batch`, `encode`,
     `forward`, `generate`, `measured_tokens` (with `llm_prefix`: the visual tokens the text side reads),
     `derived_tokens`, `token_columns`. The task functions below use nothing else.
     """
@@ -415,9 +418,19 @@ class MergeBridgeEvaluator:
         return caption_report(self.model, self.processor, rows, task, args.max_new_tokens, args.batch_size,
                               args.num_beams, args.progress)
 
+    retrieval_method = "likelihood (mean log p(caption | image))"
+
     def retrieval_scores(self, images: Sequence[PIL.Image.Image], texts: Sequence[str],
                          args: EvalArguments) -> torch.Tensor:
         return caption_log_likelihoods(self.model, self.processor, images, texts, args.batch_size, args.progress)
+
+    def retrieval_extras(self, data: Dataset, args: EvalArguments) -> dict[str, float]:
+        return {}
+
+    def check_sweep(self, values: Sequence[int | float]) -> None:
+        bad = [v for v in values if not isinstance(v, int)]
+        if bad:
+            raise ValueError(f"--sweep: MergeBridge sweeps integer merges per layer r, got {bad}")
 
     # -- the technique
 
@@ -490,11 +503,290 @@ class MergeBridgeEvaluator:
                 "bridge": list(counts), "llm_prefix": features.shape[1]}
 
 
+# ----------------------------------------------------------------------------- PatchAlign
+
+
+def _pixels(processor: Any, images: Sequence[PIL.Image.Image], model: Any) -> torch.Tensor:
+    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    return pixels.to(model.device, model.dtype)  # (B, 3, H, W)
+
+
+@torch.no_grad()
+def patch_align_retrieval_scores(model: Any, processor: Any, images: Sequence[PIL.Image.Image], texts: Sequence[str],
+                                 k: int = 16, batch_size: int = 32, itm: bool = True) -> torch.Tensor:
+    """(num_images, num_texts): ITC similarity for every pair; with `itm`, each image's top-k texts (and each
+    text's top-k images) are re-ranked by the ITM match probability, placed above every other pair.
+
+    Works on any PatchAlign head with `patch_align` and `itm_head` (pretraining or retrieval). Images are
+    encoded once (text-agnostic tokens), texts once; ITM runs on the candidate pairs in batches.
+    """
+    pa = model.patch_align
+    image_tokens = torch.cat([pa.encode_image(_pixels(processor, images[s:s + batch_size], model)).agnostic
+                              for s in range(0, len(images), batch_size)])  # (I, N', Cv)
+    tokens = processor.tokenizer(list(texts), padding=True, truncation=True, max_length=processor.max_length,
+                                 return_tensors="pt").to(model.device)
+    text = torch.cat([pa.encode_text(tokens["input_ids"][s:s + batch_size], tokens["attention_mask"][s:s + batch_size])
+                      for s in range(0, len(texts), batch_size)])  # (T, L, Ct)
+    itc = (pa.image_feature(image_tokens) @ pa.text_feature(text).t()).float()  # (I, T)
+    if not itm:
+        return itc.cpu()
+    pairs = set()
+    for i, row in enumerate(itc.topk(min(k, itc.shape[1]), dim=1).indices.tolist()):
+        pairs.update((i, j) for j in row)
+    for j, col in enumerate(itc.t().topk(min(k, itc.shape[0]), dim=1).indices.tolist()):
+        pairs.update((i, j) for i in col)
+    pairs_t = torch.tensor(sorted(pairs), device=itc.device)  # (n, 2) of (image, text)
+    probs = []
+    mask = tokens["attention_mask"]
+    for s in range(0, len(pairs_t), batch_size):
+        i, j = pairs_t[s:s + batch_size].unbind(1)
+        fused = pa.fuse(text[j], mask[j], image_tokens[i])
+        probs.append(model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1])
+    scores = itc.clone()
+    scores[pairs_t[:, 0], pairs_t[:, 1]] = 10.0 + torch.cat(probs)  # ITC lies in [-1, 1]: candidates rank first
+    return scores.cpu()
+
+
+def _r_precision(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Per sample with positives: share of positives among the top-|positives| scored patches."""
+    out = []
+    for s, y in zip(scores, labels):
+        n = int(y.sum())
+        if n:
+            out.append(float(y[s.topk(n).indices].mean()))
+    return out
+
+
+@torch.no_grad()
+def detector_precision(model: Any, processor: Any, data: Dataset, batch_size: int = 32) -> float | None:
+    """R-precision of the text-aware patch detector against the PTA labels, on each image's first caption.
+
+    PTA labels mark the patches of boxes the caption mentions; the score is the share of those among the
+    detector's top-|labels| patches, averaged over images with at least one such patch. None without a detector
+    or boxes.
+    """
+    pa = model.patch_align
+    columns = set(data.column_names or [])
+    if not model.config.patch_detector["enabled"] or not {"boxes", "box_labels", "captions"} <= columns:
+        return None
+    data = data.cast_column("image", ImageFeature(decode=False))
+    values: list[float] = []
+    for start in range(0, len(data), batch_size):
+        rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        rows = [r for r in rows if r["boxes"] and r["captions"]]
+        if not rows:
+            continue
+        images = [decode_image(r["image"], r["image_id"]) for r in rows]
+        batch = processor(images=images, text=[r["captions"][0] for r in rows], boxes=[r["boxes"] for r in rows],
+                          box_labels=[r["box_labels"] for r in rows]).to(model.device)
+        text = pa.encode_text(batch["input_ids"], batch["attention_mask"])
+        enc = pa.encode_image(batch["pixel_values"].to(model.dtype), text_cls=text[:, 0])
+        values += _r_precision(enc.logits.float().cpu(), batch["patch_labels"].cpu())
+    return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def patch_align_generation_report(model: Any, processor: Any, rows: Dataset, task: str, max_new_tokens: int = 20,
+                                  batch_size: int = 32, num_beams: int = 1, progress: bool = False) -> dict[str, Any]:
+    """PatchAlign captions (or answers, from the question) for held-out rows: the same report as `caption_report`."""
+    was_training = model.training
+    model.eval()
+    predictions, references, correct, total = [], [], 0, 0
+    tokenizer = processor.tokenizer
+    for start in tqdm(range(0, len(rows), batch_size), desc=task, unit="batch", disable=not progress):
+        batch_rows = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        images = [decode_image(r["image"], r["image_id"]) for r in batch_rows]
+        pixels = _pixels(processor, images, model)
+        question = {}
+        if task == "vqa":
+            q = tokenizer([r["question"] for r in batch_rows], padding=True, truncation=True,
+                          max_length=processor.max_length, return_tensors="pt").to(model.device)
+            question = {"question_input_ids": q["input_ids"], "question_attention_mask": q["attention_mask"]}
+        generated = model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False,
+                                   num_beams=num_beams, **question)
+        predictions += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        references += [r["references"] for r in batch_rows]
+        target = tokenizer([r["target"] for r in batch_rows], padding=True, truncation=True,
+                           max_length=processor.max_length, return_tensors="pt").to(model.device)
+        logits = model(pixel_values=pixels, input_ids=target["input_ids"], attention_mask=target["attention_mask"],
+                       **question).logits[:, :-1]
+        labels, keep = target["input_ids"][:, 1:], target["attention_mask"][:, 1:].bool()
+        correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+    model.train(was_training)
+    report: dict[str, Any] = {"token_accuracy": correct / max(total, 1)}
+    if task == "vqa":
+        report["vqa_accuracy"] = vqa_accuracy(predictions, references)
+    else:
+        report.update(caption_metrics(predictions, references))
+    report["example"] = predictions[0] if predictions else ""
+    report["images"] = len(predictions)
+    return report
+
+
+def patch_align_report(model: Any, processor: Any, data: Dataset | None, task: str, num_images: int,
+                       max_new_tokens: int = 20) -> dict[str, Any] | None:
+    """train.py's before/after numbers on held-out images: retrieval R@k (ITC + ITM re-ranking) and the
+    detector's R-precision after pretrain / retrieval, generation quality after caption / vqa."""
+    if data is None or len(data) == 0:
+        return None
+    data = data.select(range(min(num_images, len(data))))
+    if task in ("caption", "vqa"):
+        return patch_align_generation_report(model, processor, task_rows(data, task), task, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    images, texts, owner = images_and_captions(data)
+    report: dict[str, Any] = dict(retrieval_recall(patch_align_retrieval_scores(model, processor, images, texts), owner))
+    precision = detector_precision(model, processor, data)
+    if precision is not None:
+        report["pta_precision"] = precision
+    model.train(was_training)
+    report["images"] = len(images)
+    return report
+
+
+class PatchAlignEvaluator:
+    """PatchAlign: captions and answers from its decoder, ITC + ITM retrieval, the patch detector's keep ratio.
+
+    The technique knob is the detector's keep ratio: pruning changes no parameters, and keep ratio 1.0 runs every
+    patch through every block (exactly the unpruned model), so "detector off" is the same weights at 1.0.
+    Heads load lazily from the same folder: the decoder for generation and speed, the ITM head for retrieval
+    (a folder without one, e.g. caption-trained, ranks by ITC alone and says so).
+    """
+
+    family = "patch_align"
+    knob = "keep_ratio"
+
+    def __init__(self, model_dir: str | Path, device: str, dtype: str) -> None:
+        from safetensors import safe_open
+
+        self.model_dir, self.device, self.dtype = str(model_dir), device, DTYPES[dtype]
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.model_dir)
+        with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+            self.has_itm = "itm_head.weight" in set(f.keys())
+        self._models: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str, dtype: str) -> PatchAlignEvaluator:
+        if not (Path(model_dir) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"model_dir {str(model_dir)!r} has no model.safetensors")
+        return cls(model_dir, device, dtype)
+
+    def _load(self, kind: str) -> Any:
+        from . import PatchAlignForConditionalGeneration, PatchAlignForImageTextRetrieval, PatchAlignForQuestionAnswering
+
+        if kind not in self._models:
+            cls = {"caption": PatchAlignForConditionalGeneration, "vqa": PatchAlignForQuestionAnswering,
+                   "retrieval": PatchAlignForImageTextRetrieval}[kind]
+            self._models[kind] = cls.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        return self._models[kind]
+
+    @property
+    def model(self) -> Any:
+        """The caption model (the one speed measures)."""
+        return self._load("caption")
+
+    def image_size(self) -> int:
+        size = self.model.config.vision_config.image_size
+        return size if isinstance(size, int) else size[0]
+
+    # -- quality
+
+    def generate_report(self, rows: Dataset, task: str, args: EvalArguments) -> dict[str, Any]:
+        return patch_align_generation_report(self._load(task), self.processor, rows, task, args.max_new_tokens,
+                                             args.batch_size, args.num_beams, args.progress)
+
+    @property
+    def retrieval_method(self) -> str:
+        if self.has_itm:
+            return "ITC similarity for all pairs, ITM re-ranking of each row's top-16"
+        return "ITC similarity for all pairs (the checkpoint has no ITM head)"
+
+    def retrieval_scores(self, images: Sequence[PIL.Image.Image], texts: Sequence[str],
+                         args: EvalArguments) -> torch.Tensor:
+        return patch_align_retrieval_scores(self._load("retrieval"), self.processor, images, texts, 16,
+                                            args.batch_size, itm=self.has_itm)
+
+    def retrieval_extras(self, data: Dataset, args: EvalArguments) -> dict[str, float]:
+        precision = detector_precision(self._load("retrieval"), self.processor, data, args.batch_size)
+        return {} if precision is None else {"pta_precision": precision}
+
+    # -- the technique
+
+    def check_sweep(self, values: Sequence[float]) -> None:
+        bad = [v for v in values if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"--sweep: PatchAlign sweeps keep ratios in (0, 1], got {bad}")
+
+    def settings(self) -> list[tuple[str, Any]]:
+        if not self.model.config.patch_detector["enabled"]:
+            raise ValueError(f"{self.model_dir}: the patch detector is disabled in this model's config; speed "
+                             "compares it on and off")
+        return [("detector off (keep_ratio=1.0)", 1.0), (f"detector on (keep_ratio={self.knob_value()})", None)]
+
+    def knob_value(self) -> float:
+        return self.model.config.patch_detector["keep_ratio"]
+
+    @contextmanager
+    def setting(self, keep_ratio: float | None) -> Iterator[None]:
+        """Run every loaded head with the detector keeping `keep_ratio` (None: the config's)."""
+        configs = [m.config for m in self._models.values()] or [self.model.config]
+        saved = [c.patch_detector["keep_ratio"] for c in configs]
+        if keep_ratio is not None:
+            for c in configs:
+                c.patch_detector["keep_ratio"] = float(keep_ratio)
+        try:
+            yield
+        finally:
+            for c, value in zip(configs, saved):
+                c.patch_detector["keep_ratio"] = value
+
+    def derived_tokens(self) -> dict[str, Any]:
+        config = self.model.config
+        vision_in = 1 + config.num_patches
+        kept = config.num_kept_patches
+        out = 1 + kept + (1 if kept < config.num_patches else 0)  # CLS + kept + the fused token
+        return {"vision_in": vision_in, "after_detector": out, "llm_prefix": out}
+
+    # -- the calls that speed measures
+
+    def batch(self, images: Sequence[PIL.Image.Image], captions: Sequence[str]) -> dict[str, Any]:
+        pixels = _pixels(self.processor, images, self.model)
+        text = self.processor.tokenizer(list(captions), padding=True, truncation=True,
+                                        max_length=self.processor.max_length, return_tensors="pt").to(self.device)
+        labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        return {"generate": {"pixel_values": pixels},
+                "forward": {"pixel_values": pixels, **text, "labels": labels}}
+
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model.patch_align.encode_image(batch["generate"]["pixel_values"]).agnostic
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(**batch["forward"])
+
+    def generate(self, batch: dict[str, Any], max_new_tokens: int, num_beams: int) -> torch.Tensor:
+        # A fixed length (min = max new tokens), so every setting decodes the same number of steps.
+        return self.model.generate(**batch["generate"], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                   do_sample=False, num_beams=num_beams)
+
+    def token_columns(self, tokens: dict[str, Any]) -> dict[str, Any]:
+        return {"vision tokens in/out": f"{tokens['vision_in']}/{tokens['after_detector']}",
+                "decoder memory tokens": tokens["llm_prefix"]}
+
+    def measured_tokens(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tokens as the tower produces them: its input, and what leaves it (the decoder's memory)."""
+        pixels = batch["generate"]["pixel_values"]
+        out = self.encode(batch).shape[1]
+        return {"vision_in": self.model.patch_align.vision_tower.num_tokens(int(pixels.shape[-1])),
+                "after_detector": out, "llm_prefix": out}
+
+
 # ----------------------------------------------------------------------------- family dispatch
 
-# model_type -> evaluator class. patch_align: not yet (its model classes are not registered with the Auto
-# classes yet); check_family then raises NotImplementedError naming family and task.
-EVALUATORS: dict[str, type] = {"merge_bridge": MergeBridgeEvaluator}
+# model_type -> evaluator class; a family missing here makes check_family raise NotImplementedError.
+EVALUATORS: dict[str, type] = {"merge_bridge": MergeBridgeEvaluator, "patch_align": PatchAlignEvaluator}
 
 
 def check_family(model_dir: str | Path, task: str) -> str:
@@ -527,8 +819,8 @@ def run_generation_task(ev: Any, data: Dataset, args: EvalArguments) -> dict[str
 def run_retrieval(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
     images, texts, owner = images_and_captions(data)
     scores = ev.retrieval_scores(images, texts, args)  # (I, T)
-    return {"metrics": retrieval_recall(scores, owner), "method": "likelihood (mean log p(caption | image))",
-            "num_images": len(images), "num_texts": len(texts)}
+    metrics = {**retrieval_recall(scores, owner), **ev.retrieval_extras(data, args)}
+    return {"metrics": metrics, "method": ev.retrieval_method, "num_images": len(images), "num_texts": len(texts)}
 
 
 def measure_setting(ev: Any, batch: dict[str, Any], num_images: int, args: EvalArguments,
@@ -690,6 +982,8 @@ def run_evaluation(args: EvalArguments) -> list[dict[str, Any]]:
     sweep = args.sweep_values  # bad --sweep fails before any work
     model_dir = Path(args.model)
     ev = load_evaluator(model_dir, args.task, args.device, args.dtype)
+    if sweep:
+        ev.check_sweep(sweep)
     data = load_eval_data(args, ev.image_size())
     base = {"task": args.task, "dataset": dataset_id(args), "split": args.split}
     if args.task in ("caption", "vqa"):
@@ -713,8 +1007,7 @@ def print_entry(entry: dict[str, Any]) -> None:
     title = f"{entry['task']}{' sweep' if entry.get('kind') else ''} on {entry['dataset']} ({entry['split']})"
     print("\n" + title + "\n" + "=" * len(title))
     if "method" in entry:
-        print(f"likelihood-based retrieval: score = {entry['method']}; "
-              f"{entry['num_images']} images x {entry['num_texts']} captions")
+        print(f"retrieval score: {entry['method']}; {entry['num_images']} images x {entry['num_texts']} captions")
     if entry.get("metrics"):
         print(format_table([{"metric": k, "value": v} for k, v in entry["metrics"].items()]))
     if entry.get("rows"):
@@ -747,7 +1040,12 @@ __all__ = [
     "EvalArguments",
     "LiveTensorBytes",
     "MergeBridgeEvaluator",
+    "PatchAlignEvaluator",
     "caption_log_likelihoods",
+    "detector_precision",
+    "patch_align_generation_report",
+    "patch_align_report",
+    "patch_align_retrieval_scores",
     "caption_report",
     "count_flops",
     "eval_rows",

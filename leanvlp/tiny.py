@@ -22,26 +22,38 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """A lower-cased word-level tokenizer whose vocabulary is every word (and punctuation mark) in `texts`.
-
-    Words are sorted, so the same corpus gives the same ids. `<s>` is prepended by the tokenizer; `</s>` is EOS.
-    """
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    norm = normalizers.Lowercase()
+def _word_level(texts: Iterable[str], specials: list[str], unk: str, template: str,
+                marks: list[str], extra_words: Iterable[str] = ()) -> Tokenizer:
+    """Lower-cased word-level tokenizer over every word (and punctuation mark) of `texts`, ids sorted after the
+    specials so the same corpus always gives the same ids; `template` wraps a single sequence."""
+    pre, norm = pre_tokenizers.Whitespace(), normalizers.Lowercase()
     words = set(extra_words)
     for text in texts:
         words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(words - set(SPECIAL_TOKENS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(words - set(specials)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.normalizer, tok.pre_tokenizer = norm, pre
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(m, vocab[m]) for m in marks])
+    return tok
+
+
+def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A causal-LM word tokenizer: `<s>` prepended, `</s>` as EOS, `<image>` as the image placeholder."""
+    tok = _word_level(texts, SPECIAL_TOKENS, "<unk>", "<s> $A", ["<s>"], extra_words)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens=["<image>"], model_max_length=512,
     )
+
+
+def build_bert_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A BERT-style word tokenizer: `[CLS] words [SEP]`, with `[MASK]` for MLM."""
+    tok = _word_level(texts, BERT_SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]", ["[CLS]", "[SEP]"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
 
 
 def tiny_vision_config(image_size: int = 64, patch_size: int = 8, hidden_size: int = 64, layers: int = 2,
@@ -88,5 +100,5 @@ def save_tiny_towers(out: str | Path, texts: Iterable[str], image_size: int = 64
     return vision_dir, text_dir
 
 
-__all__ = ["build_word_tokenizer", "tiny_vision_config", "tiny_llama_config", "tiny_image_processor",
+__all__ = ["build_word_tokenizer", "build_bert_word_tokenizer", "BERT_SPECIAL_TOKENS", "tiny_vision_config", "tiny_llama_config", "tiny_image_processor",
            "save_tiny_towers", "SPECIAL_TOKENS"]

@@ -307,7 +307,10 @@ def test_model_folder_without_config_names_the_path(tmp_path, capsys):
     assert str(folder) in err and "config.json" in err
 
 
-def test_a_family_without_eval_support_names_family_and_task(tmp_path, capsys):
+def test_a_family_without_eval_support_names_family_and_task(tmp_path, capsys, monkeypatch):
+    from leanvlp import evaluation
+
+    monkeypatch.delitem(evaluation.EVALUATORS, "patch_align")  # our own dispatch table, restored after the test
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "patch_align"}))
     assert main(["--model", str(tmp_path), "--task", "retrieval"]) == 2
     err = capsys.readouterr().err

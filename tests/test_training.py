@@ -54,6 +54,7 @@ def test_flags_override_config_keys():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", SMALL, ids=lambda p: p.name)
 def test_each_small_config_trains_a_few_steps(config, tmp_path):
+    """FAST's flags fit both families (MergeBridge-only flags such as --bridge_r are ignored by PatchAlign)."""
     out = tmp_path / "run"
     assert main(["--config", str(config), *FAST, "--output_dir", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
@@ -61,11 +62,23 @@ def test_each_small_config_trains_a_few_steps(config, tmp_path):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2
     results = json.loads((out / "eval_results.json").read_text())["results"][0]
-    assert results["metrics"]["token_accuracy"] >= 0.0
     from transformers import AutoModelForImageTextToText
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
-    assert reloaded.config.num_image_tokens == summary["visual_tokens"]
+    if summary["family"] == "patch_align":
+        assert results["task"] == "retrieval" and 0.0 <= results["metrics"]["i2t_r1"] <= 1.0
+        assert 0.0 <= results["metrics"]["pta_precision"] <= 1.0
+        config = reloaded.config  # CLS + kept patches + 1 fused token
+        assert summary["visual_tokens"] == 1 + config.num_kept_patches + 1 < 1 + config.num_patches
+        auto_map = json.loads((out / "config.json").read_text())["auto_map"]  # remote code for every head
+        assert auto_map["AutoModelForImageTextToText"] == "modeling_patch_align.PatchAlignForConditionalGeneration"
+        logged = summary["logged"]
+        assert sorted(logged) == ["1", "2"] and all(h["itc_columns"] == 8 for h in logged.values())
+        assert {"loss_itc", "loss_itm", "loss_mlm", "loss_lm", "loss_pta", "loss_object_class",
+                "loss_attribute"} == {k for k in logged["1"] if k.startswith("loss_")}
+    else:
+        assert results["metrics"]["token_accuracy"] >= 0.0
+        assert reloaded.config.num_image_tokens == summary["visual_tokens"]
 
 
 def test_lora_run_changes_only_adapters_and_bridge(tmp_path):
@@ -214,3 +227,162 @@ def test_two_process_run_matches_one_process_run_with_the_same_global_batch(tmp_
     assert sorted(single) == sorted(double) == ["1", "2", "3"]
     for step in single:
         assert double[step] == pytest.approx(single[step], abs=2e-3), (step, single, double)
+
+
+# ----------------------------------------------------------------------------- PatchAlign
+
+PATCH_ALIGN = ["--config", str(ROOT / "configs/tiny_patch_align.yaml"), *FAST]
+
+
+@pytest.mark.slow
+def test_patch_align_two_process_run_matches_one_process_run_and_itc_sees_both_processes(tmp_path):
+    """accelerate launch --num_processes 2 (CPU, gloo) with 4 per device vs 1 process with 8, PatchAlign pretraining.
+
+    - ITC gathers features from every process: its logits have 8 columns (the global batch) in both runs.
+    - MLM masks come from per-sample seeds (`sample_seeds`), identical in both runs; tiny BERT has no dropout.
+    - ITM's hard negatives are drawn among the *local* batch (4 vs 8 candidates), so loss_itm and, after the first
+      update, every term differ a little. So: at step 1 (same weights) ITC, PTA and the object-class loss (every
+      sample annotated, every patch labelled: equal counts per process) agree to 1e-4; MLM, LM and attribute terms
+      (per-process means over different token / patch counts) to 5e-2; the total at every step to 0.05 (~0.3% of
+      ~14; measured: within 0.012).
+    """
+    flags = [*PATCH_ALIGN, "--max_steps", "3", "--learning_rate", "0.003"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def summary(out: Path) -> dict:
+        return json.loads((out / "training_summary.json").read_text())
+
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--per_device_train_batch_size", "8",
+                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", "0",
+                          str(ROOT / "train.py"), *flags, "--per_device_train_batch_size", "4",
+                          "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert double["world_size"] == 2 and single["world_size"] == 1
+    assert sorted(single["logged"]) == sorted(double["logged"]) == ["1", "2", "3"]
+    for step in ("1", "2", "3"):
+        assert single["logged"][step]["itc_columns"] == double["logged"][step]["itc_columns"] == 8
+        assert double["losses"][step] == pytest.approx(single["losses"][step], abs=0.05), (step, single, double)
+    first_one, first_two = single["logged"]["1"], double["logged"]["1"]
+    for term in ("loss_itc", "loss_pta", "loss_object_class"):
+        assert first_two[term] == pytest.approx(first_one[term], abs=1e-4), (term, first_one, first_two)
+    for term in ("loss_mlm", "loss_lm", "loss_attribute"):
+        assert first_two[term] == pytest.approx(first_one[term], abs=5e-2), (term, first_one, first_two)
+
+
+def _patch_align_setup(task: str = "pretrain", extra: tuple[str, ...] = ()):
+    from leanvlp.training import annotation_vocab, build_patch_align
+
+    model_args, data_args, train_args = parse_args([*PATCH_ALIGN, "--task", task, *extra])
+    train, _ = load_schema_data(data_args, model_args.tiny_image_size)
+    model, processor = build_patch_align(model_args, task, corpus_of(train), annotation_vocab(train))
+    return model, processor, to_pairs(train, task, annotations=True)
+
+
+def test_patch_align_collator_passes_boxes_and_per_sample_mlm_seeds():
+    from leanvlp.modeling.modeling_patch_align import mask_tokens
+    from leanvlp.training import PatchAlignCollator
+
+    model, processor, pairs = _patch_align_setup()
+    rows = [pairs[i] for i in range(6)]
+    assert rows[0]["image_id"] == rows[1]["image_id"] and rows[0]["boxes"] == rows[1]["boxes"]  # per caption
+    collator = PatchAlignCollator(processor, "pretrain", boxes=True)
+    batch = collator(rows)
+    tok = processor.tokenizer
+    assert (batch["input_ids"][:, 0] == tok.cls_token_id).all() and tok.mask_token_id == model.config.mask_token_id
+    assert batch["pta_mask"].all() and batch["patch_labels"].shape == (6, model.config.num_patches)
+    assert batch["class_labels"].shape == (6, model.config.num_patches) and "attribute_labels" in batch
+    unannotated = collator([{**rows[0], "boxes": [], "box_labels": [], "box_attributes": []}, rows[1]])
+    assert unannotated["pta_mask"].tolist() == [False, True]
+    # a sample's seed, hence its MLM mask, does not depend on its batch (other rows, padding); the epoch changes it
+    alone = collator([rows[3]])
+    assert alone["sample_seeds"][0] == batch["sample_seeds"][3]
+    cfg = model.config
+
+    def mask(b, row):
+        ids, labels = mask_tokens(b["input_ids"], b["attention_mask"], cfg.mask_token_id, cfg.text_config.vocab_size,
+                                  [0, cfg.cls_token_id, cfg.sep_token_id], 0.5, sample_seeds=b["sample_seeds"])
+        n = int(b["attention_mask"][row].sum())
+        return ids[row, :n], labels[row, :n]
+
+    for got, want in zip(mask(alone, 0), mask(batch, 3)):
+        assert torch.equal(got, want)
+    collator.epoch = 1
+    assert collator([rows[3]])["sample_seeds"][0] != alone["sample_seeds"][0]
+    out = model(**batch)
+    assert out.loss_pta is not None and out.loss_object_class is not None and out.logits_per_image.shape == (6, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["retrieval", "caption", "vqa"])
+def test_patch_align_fine_tuning_tasks_train_and_report(task, tmp_path):
+    out = tmp_path / task
+    assert main([*PATCH_ALIGN, "--task", task, "--max_steps", "1", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    metrics = json.loads((out / "eval_results.json").read_text())["results"][0]["metrics"]
+    terms = {k for k in summary["logged"]["1"] if k.startswith("loss_")}
+    if task == "retrieval":  # ITC + ITM (MLM is computed with weight 0; the LM is skipped; no boxes, no PTA)
+        assert terms == {"loss_itc", "loss_itm", "loss_mlm"} and "i2t_r1" in metrics
+        assert summary["losses"]["1"] == pytest.approx(summary["logged"]["1"]["loss_itc"]
+                                                       + summary["logged"]["1"]["loss_itm"], abs=1e-3)
+    else:
+        assert terms == set() and "token_accuracy" in metrics
+        assert ("vqa_accuracy" if task == "vqa" else "cider") in metrics
+    config = json.loads((out / "config.json").read_text())
+    expected = {"retrieval": "PatchAlignForPreTraining", "caption": "PatchAlignForConditionalGeneration",
+                "vqa": "PatchAlignForQuestionAnswering"}[task]
+    assert config["architectures"] == [expected]
+
+
+def test_patch_align_from_pretrained_towers_copies_their_weights(tmp_path):
+    """A tiny ViT and a tiny BERT saved as ordinary checkpoints: the built model holds their weights, and the
+    fusion / decoder layers start from the text encoder's last layers (cross-attention new)."""
+    from transformers import BertConfig, BertModel, ViTModel
+
+    from leanvlp import PatchAlignForPreTraining, PatchAlignModel
+    from leanvlp.tiny import tiny_image_processor, tiny_vision_config
+    from leanvlp.tiny import build_bert_word_tokenizer
+
+    torch.manual_seed(0)
+    vision = ViTModel(tiny_vision_config(32, 8, 32, 4))  # with a pooler, which PatchAlign drops
+    vision.save_pretrained(tmp_path / "vit")
+    tiny_image_processor(32).save_pretrained(tmp_path / "vit")
+    tokenizer = build_bert_word_tokenizer(["a red circle", "two blue squares"])
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    model = PatchAlignForPreTraining.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "bert"), num_fusion_layers=2, num_decoder_layers=1, embed_dim=16,
+        patch_detector=dict(layer=2, keep_ratio=0.5))
+    pa = model.patch_align
+    assert (model.config.cls_token_id, model.config.mask_token_id) == (tokenizer.cls_token_id, tokenizer.mask_token_id)
+    for name, value in vision.state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(pa.vision_tower.vision_model.state_dict()[name], value), name
+    for name, value in bert.state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(pa.text_model.state_dict()[name], value), name
+    layers = bert.encoder.layer
+    for fused, source in ((pa.fusion_layers[0], layers[1]), (pa.fusion_layers[1], layers[2]),
+                          (pa.decoder_layers[0], layers[2])):
+        for name, value in source.state_dict().items():
+            assert torch.equal(fused.state_dict()[name], value), name
+    assert isinstance(PatchAlignModel.from_vision_text_pretrained(str(tmp_path / "vit"), str(tmp_path / "bert"),
+                                                                  patch_detector=dict(layer=2)), PatchAlignModel)
+    with pytest.raises(ValueError, match="model_type 'vit'.*BERT"):
+        PatchAlignForPreTraining.from_vision_text_pretrained(str(tmp_path / "vit"), str(tmp_path / "vit"))
+
+
+def test_patch_align_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="--lora_r 4.*PatchAlign"):
+        parse_args([*PATCH_ALIGN, "--lora_r", "4"])
+    with pytest.raises(ValueError, match=r"unknown head\(s\) \['colour'\]"):
+        parse_args([*PATCH_ALIGN, "--semantic_heads", "colour"])
+    with pytest.raises(ValueError, match="--keep_ratio must be in"):
+        parse_args([*PATCH_ALIGN, "--keep_ratio", "1.5"])
+    with pytest.raises(ValueError, match="region_feature needs teacher features"):
+        _patch_align_setup(extra=("--semantic_heads", "region_feature"))

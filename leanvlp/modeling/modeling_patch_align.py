@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -117,18 +118,35 @@ def mask_tokens(
     special_ids: list[int],
     probability: float,
     generator: torch.Generator | None = None,
+    sample_seeds: Tensor | None = None,
+    draw_length: int = 512,
 ) -> tuple[Tensor, Tensor]:
     """BERT masking: pick `probability` of the real, non-special tokens; 80% [MASK], 10% random, 10% kept.
 
+    sample_seeds (B,) int64 makes each row's mask a function of its seed alone: each row draws `draw_length`
+    (>= T, e.g. max_position_embeddings) values per kind on the CPU and uses the first T, so neither the
+    batch's padding nor its other rows matter and a sample is masked the same way in any process or batch.
     Returns (masked input_ids, labels with IGNORE_INDEX on unpicked tokens).
     """
     dev = input_ids.device
+    if sample_seeds is not None:
+        if sample_seeds.shape != input_ids.shape[:1]:
+            raise ValueError(f"sample_seeds must have shape ({input_ids.shape[0]},), got {tuple(sample_seeds.shape)}")
+        T, L = input_ids.shape[1], max(draw_length, input_ids.shape[1])
+        draws = []
+        for seed in sample_seeds.tolist():
+            g = torch.Generator().manual_seed(int(seed))
+            draws.append((torch.rand(L, generator=g)[:T], torch.rand(L, generator=g)[:T],
+                          torch.randint(vocab_size, (L,), generator=g)[:T]))
+        pick_roll, roll, random_ids = (torch.stack(d).to(dev) for d in zip(*draws))  # (B, T) each
+    else:
+        pick_roll = torch.rand(input_ids.shape, generator=generator, device=dev)
+        roll = torch.rand(input_ids.shape, generator=generator, device=dev)
+        random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
     candidates = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=dev))
-    picked = (torch.rand(input_ids.shape, generator=generator, device=dev) < probability) & candidates
+    picked = (pick_roll < probability) & candidates
     labels = input_ids.masked_fill(~picked, IGNORE_INDEX)
-    roll = torch.rand(input_ids.shape, generator=generator, device=dev)
     masked = input_ids.masked_fill(picked & (roll < 0.8), mask_token_id)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
     masked = torch.where(picked & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
     return masked, labels
 
@@ -204,6 +222,15 @@ def _build_vision_model(config) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
+def _load_weights(target: nn.Module, state: dict[str, Tensor], what: str, new: tuple[str, ...] = ()) -> None:
+    """Copy `state` into `target`; a pooler the target lacks is dropped, and only keys under `new` may stay unset."""
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(new)] if new else missing
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 @dataclass
 class ImageEncoding:
     agnostic: Tensor  # (B, N', Cv) tokens for ITC / ITM / LM
@@ -240,6 +267,45 @@ class PatchAlignPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, PatchAlignModel):
             init.constant_(module.logit_scale, math.log(1.0 / self.config.itc_temperature))
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision: str, text: str, **config_kwargs: Any) -> "PatchAlignPreTrainedModel":
+        """Build from any supported vision checkpoint (ViT, CLIP, DINOv2) and any BERT checkpoint (dirs or hub ids).
+
+        The tower and the text encoder get the checkpoints' weights; [CLS] / [SEP] / [MASK] ids come from the
+        text checkpoint's tokenizer. Fusion and decoder layers start from the text encoder's last layers (their
+        self-attention and MLP, as ALBEF initialises its fusion encoder); cross-attention, the detector, the
+        projections and the heads start random. `config_kwargs` go to `PatchAlignConfig`.
+        """
+        from transformers import AutoTokenizer
+
+        vision_model = AutoModel.from_pretrained(vision)
+        vision_config = getattr(vision_model.config, "vision_config", vision_model.config)  # CLIP: the vision half
+        text_model = AutoModel.from_pretrained(text)
+        if text_model.config.model_type != "bert":
+            raise ValueError(f"text checkpoint {text!r}: model_type {text_model.config.model_type!r}; "
+                             "PatchAlign needs a BERT-style text encoder (model_type 'bert')")
+        tokenizer = AutoTokenizer.from_pretrained(text)
+        for name in ("cls", "sep", "mask"):
+            token_id = getattr(tokenizer, f"{name}_token_id")
+            if token_id is None:
+                raise ValueError(f"text checkpoint {text!r}: its tokenizer has no {name} token (PatchAlign needs "
+                                 "[CLS], [SEP] and [MASK])")
+            config_kwargs.setdefault(f"{name}_token_id", token_id)
+        config = PatchAlignConfig(vision_config=vision_config, text_config=text_model.config, **config_kwargs)
+        model = cls(config)
+        backbone = model if isinstance(model, PatchAlignModel) else model.patch_align
+        source = vision_model.vision_model if hasattr(vision_model, "text_model") else vision_model  # CLIPModel
+        _load_weights(backbone.vision_tower.vision_model, source.state_dict(), f"vision checkpoint {vision!r}")
+        _load_weights(backbone.text_model, text_model.state_dict(), f"text checkpoint {text!r}")
+        text_layers = backbone.text_model.encoder.layer
+        for layers in (backbone.fusion_layers, backbone.decoder_layers):
+            offset = len(text_layers) - len(layers)
+            for i, layer in enumerate(layers):
+                if offset + i >= 0:
+                    _load_weights(layer, text_layers[offset + i].state_dict(), "text encoder layer",
+                                  new=("crossattention.",))
+        return model
 
 
 class PatchAlignModel(PatchAlignPreTrainedModel):
@@ -389,8 +455,14 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         region_box_masks: Tensor | None = None,
         region_features: Tensor | None = None,
         region_mask: Tensor | None = None,
+        sample_seeds: Tensor | None = None,
         **kwargs,
     ) -> PatchAlignForPreTrainingOutput:
+        """ITM and the captioning LM are not computed when their loss weight is 0 (retrieval fine-tuning skips LM).
+
+        MLM and the text-aware branch always run (PTA and the detector's scores need them).
+        sample_seeds (B,) int64: per-sample MLM masks (see `mask_tokens`), reproducible across processes.
+        """
         cfg, pa, w = self.config, self.patch_align, self.config.loss_weights
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -399,7 +471,8 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         tok = cfg.text_config
         special = [i for i in (tok.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id) if i is not None]
         masked_ids, mlm_labels = mask_tokens(
-            input_ids, attention_mask, cfg.mask_token_id, tok.vocab_size, special, cfg.mlm_probability
+            input_ids, attention_mask, cfg.mask_token_id, tok.vocab_size, special, cfg.mlm_probability,
+            sample_seeds=sample_seeds, draw_length=tok.max_position_embeddings,
         )
         masked_text = pa.encode_text(masked_ids, attention_mask)
         want_patches = any(cfg.semantic_heads[h]["enabled"] for h in ("object_class", "attribute", "region_feature"))
@@ -412,7 +485,7 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
 
         # ITM: positives + one hard negative text per image and one hard negative image per text
         neg_text = neg_image = itm_logits = None
-        if B > 1:
+        if B > 1 and w["itm"] > 0:
             same_text = (input_ids[:, None] == input_ids[None]).all(-1) & (
                 attention_mask[:, None] == attention_mask[None]
             ).all(-1)  # identical captions are positives too
@@ -436,10 +509,11 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         ) / n_masked.clamp(min=1)
 
         # captioning LM: the image is the prefix, the caption the continuation
-        memory = pa.image_to_text(enc.agnostic)
-        lm_logits = self.lm_head(pa.decode(input_ids, attention_mask, memory))
-        lm_labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-        losses["lm"] = F.cross_entropy(lm_logits[:, :-1].flatten(0, 1), lm_labels.flatten(), ignore_index=IGNORE_INDEX)
+        if w["lm"] > 0:
+            memory = pa.image_to_text(enc.agnostic)
+            lm_logits = self.lm_head(pa.decode(input_ids, attention_mask, memory))
+            lm_labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+            losses["lm"] = F.cross_entropy(lm_logits[:, :-1].flatten(0, 1), lm_labels.flatten(), ignore_index=IGNORE_INDEX)
 
         # PTA on the detector's scores
         if enc.logits is not None and patch_labels is not None:
