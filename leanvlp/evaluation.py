@@ -381,7 +381,21 @@ def caption_log_likelihoods(model: Any, processor: Any, images: Sequence[PIL.Ima
     return scores.view(len(images), len(texts))
 
 
-class MergeBridgeEvaluator:
+class _SpeedCalls:
+    """The forward and generate calls the speed task times, shared by every family's evaluator."""
+
+    model: Any
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(**batch["forward"])
+
+    def generate(self, batch: dict[str, Any], max_new_tokens: int, num_beams: int) -> torch.Tensor:
+        # A fixed length (min = max new tokens), so every setting decodes the same number of steps.
+        return self.model.generate(**batch["generate"], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                   do_sample=False, num_beams=num_beams)
+
+
+class MergeBridgeEvaluator(_SpeedCalls):
     """MergeBridge: captions and answers by generation, likelihood-based retrieval, bridge merging on vs off.
 
     The technique knob is the bridge's merges per layer r: merging changes no parameters, so "merging off" is the
@@ -476,14 +490,6 @@ class MergeBridgeEvaluator:
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.get_image_features(batch["generate"]["pixel_values"])
-
-    def forward(self, batch: dict[str, Any]) -> Any:
-        return self.model(**batch["forward"])
-
-    def generate(self, batch: dict[str, Any], max_new_tokens: int, num_beams: int) -> torch.Tensor:
-        # A fixed length (min = max new tokens), so every setting decodes the same number of steps.
-        return self.model.generate(**batch["generate"], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                   do_sample=False, num_beams=num_beams)
 
     def token_columns(self, tokens: dict[str, Any]) -> dict[str, Any]:
         """Visual tokens per stage as speed-table columns."""
@@ -645,7 +651,7 @@ def patch_align_report(model: Any, processor: Any, data: Dataset | None, task: s
     return report
 
 
-class PatchAlignEvaluator:
+class PatchAlignEvaluator(_SpeedCalls):
     """PatchAlign: captions and answers from its decoder, ITC + ITM retrieval, the patch detector's keep ratio.
 
     The technique knob is the detector's keep ratio: pruning changes no parameters, and keep ratio 1.0 runs every
@@ -762,14 +768,6 @@ class PatchAlignEvaluator:
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.patch_align.encode_image(batch["generate"]["pixel_values"]).agnostic
-
-    def forward(self, batch: dict[str, Any]) -> Any:
-        return self.model(**batch["forward"])
-
-    def generate(self, batch: dict[str, Any], max_new_tokens: int, num_beams: int) -> torch.Tensor:
-        # A fixed length (min = max new tokens), so every setting decodes the same number of steps.
-        return self.model.generate(**batch["generate"], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                   do_sample=False, num_beams=num_beams)
 
     def token_columns(self, tokens: dict[str, Any]) -> dict[str, Any]:
         return {"vision tokens in/out": f"{tokens['vision_in']}/{tokens['after_detector']}",

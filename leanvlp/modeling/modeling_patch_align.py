@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 from .configuration_patch_align import PatchAlignConfig
 from .patch_selection import DualPatchSelectionHook, PatchSelectionHook, TextAwarePatchDetector, pta_loss
 from .semantic_heads import IGNORE_INDEX, SemanticHeads
-from .token_merging import BlockHook, MergeState
+from .token_merging import BlockHook, MergeState, padding_bias
 from .vision_tower import TokenMergingVisionTower
 
 __all__ = [
@@ -177,11 +177,6 @@ def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0), torch.distributed.get_rank() * x.shape[0]
-
-
-def _padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, T) 1/0 -> additive (B, 1, 1, T)."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def _causal_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -367,7 +362,7 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
     def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:
         """Fusion layers: bidirectional self-attention over text, cross-attention to image tokens."""
         hidden, memory = text_embeds, self.image_to_text(image_embeds)
-        bias = _padding_bias(attention_mask, hidden.dtype)
+        bias = padding_bias(attention_mask, hidden.dtype)
         for layer in self.fusion_layers:
             hidden = layer(hidden, attention_mask=bias, encoder_hidden_states=memory)
         return hidden
