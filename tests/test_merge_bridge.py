@@ -205,6 +205,26 @@ def test_frozen_towers_stay_bit_identical_after_a_step(tokenizer):
     assert any(not torch.equal(before[n], v) for n, v in after.items() if n.startswith("bridge."))
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_bridge_gradients(tokenizer):
+    proc = make_processor(tokenizer, make_config(tokenizer))
+    batch = proc(images=images(2), text=["", ""], targets=["a red circle", "a blue square"])
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(tokenizer).train()
+        for module in model.modules():  # dropout off, so both runs compute the same function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if n.startswith("bridge.")]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for plain, checkpointed in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(plain, checkpointed)
+
+
 def test_gradient_accumulation_logs_the_same_loss_as_a_full_batch(tokenizer, tmp_path):
     config = make_config(tokenizer)
     proc = make_processor(tokenizer, config)

@@ -386,3 +386,15 @@ def test_patch_align_bad_input_is_a_clear_error():
         parse_args([*PATCH_ALIGN, "--keep_ratio", "1.5"])
     with pytest.raises(ValueError, match="region_feature needs teacher features"):
         _patch_align_setup(extra=("--semantic_heads", "region_feature"))
+
+
+def test_streaming_datasets_folder_with_column_mapping_trains_with_max_steps(tmp_path):
+    """--dataset hf --streaming: an IterableDataset, mapped from a renamed caption column, runs max_steps."""
+    from leanvlp.data import make_shapes_dataset
+
+    make_shapes_dataset(24, image_size=32).rename_column("captions", "text").save_to_disk(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main([*FAST, "--dataset", "hf", "--data_path", str(tmp_path / "data"), "--caption_column", "text",
+                 "--streaming", "true", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and sorted(summary["losses"]) == ["1", "2"]
