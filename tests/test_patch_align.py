@@ -454,3 +454,22 @@ def test_itc_all_gather_carries_gradients_across_ranks(tmp_path):
         torch.testing.assert_close(got["logits"], li2t[rows].detach())
         torch.testing.assert_close(got["image_grad"], image.grad[rows])
         torch.testing.assert_close(got["text_grad"], text.grad[rows])
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_fused_token_weighting_is_a_switch(keep_ratio):
+    """patch_detector.prop_attn: True (default) adds log(#fused patches) to the fused token's attention logits in
+    the blocks after the detector; False keeps it a plain token. Nothing is fused at keep 1.0: equal."""
+    pixels = torch.randn(2, 3, 32, 32)
+    encoded = {}
+    for prop in (False, True):
+        torch.manual_seed(0)
+        model = PatchAlignModel(tiny_config(patch_detector=dict(layer=2, keep_ratio=keep_ratio, prop_attn=prop))).eval()
+        assert model.vision_tower.merging.prop_attn is prop
+        with torch.no_grad():
+            encoded[prop] = model.encode_image(pixels).agnostic
+    if keep_ratio == 1.0:
+        assert torch.equal(encoded[False], encoded[True])
+    else:
+        assert encoded[False].shape == encoded[True].shape == (2, 1 + 8 + 1, 32)
+        assert not torch.allclose(encoded[False], encoded[True])

@@ -13,7 +13,7 @@ __all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES"]
 PATCH_ALIGN_VISION_TYPES = ("vit", "clip_vision_model", "dinov2")
 DEFAULT_VISION = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, image_size=224, patch_size=16)
-DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None)
+DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None, prop_attn=True)
 HEAD_NAMES = ("object_class", "attribute", "region_feature")
 DEFAULT_HEADS = dict(
     object_class=dict(enabled=False, weight=1.0),
@@ -54,7 +54,9 @@ class PatchAlignConfig(PretrainedConfig):
         mlm_probability (`float`, defaults to 0.15): share of text tokens masked for MLM.
         patch_detector (`dict`, *optional*): `enabled` (True), `layer` (6: prune after the 6th block, 1-based,
             within the tower's depth), `keep_ratio` (0.5, in (0, 1]), `hidden_size` (the MLP width; None = the
-            vision width).
+            vision width), `prop_attn` (True: in the blocks after the detector the fused token gets ToMe's
+            proportional attention, log(#fused patches) on its attention logits, so the background keeps its weight;
+            False: one plain token. The tiny ITM overfitting test converges with True and not with False).
         semantic_heads (`dict`, *optional*): `object_class`, `attribute`, `region_feature`, each
             `{"enabled": bool, "weight": float}` (`region_feature` also `"loss": "smooth_l1" | "cosine"`), and
             `layer` (1-based block whose output the heads read; None = the detector's block, or the last block

@@ -309,7 +309,9 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
     def __init__(self, config: PatchAlignConfig):
         super().__init__(config)
         vcfg, tcfg = config.vision_config, config.text_config
-        self.vision_tower = TokenMergingVisionTower(_build_vision_model(vcfg))
+        # r = 0: no merging; prop_attn decides whether blocks after the detector weight the fused token by its size
+        self.vision_tower = TokenMergingVisionTower(
+            _build_vision_model(vcfg), {"r": 0, "protected": 1, "prop_attn": config.patch_detector["prop_attn"]})
         self.text_model = BertModel(tcfg, add_pooling_layer=False)
         self.image_to_text = nn.Linear(vcfg.hidden_size, tcfg.hidden_size)  # image tokens -> cross-attention width
         cross = config.cross_layer_config()
