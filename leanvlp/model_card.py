@@ -53,7 +53,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"  # package data; ./model_cards links here
 
 # family (config.json model_type) -> what its card says about it
 FAMILIES: dict[str, dict[str, Any]] = {
