@@ -165,7 +165,6 @@ def test_unknown_names_are_clear_errors():
 
 
 def test_missing_column_and_empty_dataset(tmp_path):
-    from datasets import Dataset
 
     from leanvlp.data import make_shapes_dataset
 
@@ -178,7 +177,6 @@ def test_missing_column_and_empty_dataset(tmp_path):
 
 def test_corrupt_image_fails_fast_naming_the_sample_or_is_skipped_and_counted():
     from leanvlp.data import make_shapes_dataset
-    from leanvlp.tiny import build_word_tokenizer
 
     model_args, _, _ = parse_args(FAST)
     pairs = to_pairs(make_shapes_dataset(3, image_size=32), "caption")
