@@ -9,6 +9,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .token_merging import TokenMergingConfig
+from .transformers_compat import check_transformers_version
+
+check_transformers_version()  # one clear line on an unsupported release, before anything deeper fails
 
 # Vision towers the token-merging wrapper runs, with the number of leading tokens (CLS) each adds.
 VISION_LEADING_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "vit": 1, "dinov2": 1}

@@ -7,6 +7,10 @@ from typing import Any
 from transformers import AutoConfig, BertConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .transformers_compat import check_transformers_version
+
+check_transformers_version()  # one clear line on an unsupported release, before anything deeper fails
+
 __all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES"]
 
 # Vision towers with a CLS token at index 0 (the detector, ITC and the agnostic scores need it).

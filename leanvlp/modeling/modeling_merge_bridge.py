@@ -17,35 +17,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.bert.modeling_bert import BertLayer
-from transformers.utils import ModelOutput
 
 from .configuration_merge_bridge import MergeBridgeConfig
 from .temporal_merging import TemporalTokenMerging
 from .token_merging import BertLayerAdapter, TokenMergingEncoder
+from .transformers_compat import CACHE_NAME, get_cache, outputs_from
 from .vision_tower import TokenMergingVisionTower
 
 
 @dataclass
-class MergeBridgeOutput(ModelOutput):
-    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss)."""
+class MergeBridgeOutput(CausalLMOutputWithPast):
+    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss).
 
-    loss: Tensor | None = None
-    logits: Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[Tensor, ...] | None = None
+    The LLM's fields (loss, logits, the cache under the installed release's name, hidden_states, attentions),
+    then the visual prefix and the bridge's token counts.
+    """
+
     image_hidden_states: Tensor | None = None  # (B, M, C_llm), the visual prefix
     bridge_token_counts: list[int] | None = None  # tokens after each bridge layer
 
 
 @dataclass
-class MergeBridgeModelOutput(ModelOutput):
-    """Output of [`MergeBridgeModel`]: the LLM's last hidden state over the multimodal sequence."""
+class MergeBridgeModelOutput(BaseModelOutputWithPast):
+    """Output of [`MergeBridgeModel`]: the LLM's last hidden state over the multimodal sequence (+ its cache)."""
 
-    last_hidden_state: Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    image_hidden_states: Tensor | None = None
+    image_hidden_states: Tensor | None = None  # (B, M, C_llm)
 
 
 class MergeBridgeBridge(nn.Module):
@@ -103,7 +101,7 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["BertLayer", "LlamaDecoderLayer", "OPTDecoderLayer", "CLIPEncoderLayer", "ViTLayer",
                          "Dinov2Layer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     accepts_loss_kwargs = False  # forward takes **kwargs; the loss is a per-batch mean, so Trainer must scale it
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -198,9 +196,10 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), features)
         return inputs_embeds, features, counts
 
-    def _check_length(self, inputs_embeds: Tensor, past_key_values: Any) -> None:
+    def _check_length(self, inputs_embeds: Tensor, kwargs: dict[str, Any]) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = get_cache(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
         if limit is not None and past + inputs_embeds.shape[1] > limit:
             raise ValueError(
                 f"MergeBridge: sequence of {past + inputs_embeds.shape[1]} tokens is longer than the LLM context "
@@ -217,17 +216,14 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
 
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: Any = None, inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
+                inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
                 **kwargs: Any) -> MergeBridgeModelOutput:
+        """`kwargs` go to the LLM unchanged, the cache among them under whichever name the caller used."""
         inputs_embeds, image_features, _ = self._merge_inputs(input_ids, inputs_embeds, pixel_values)
-        self._check_length(inputs_embeds, past_key_values)
+        self._check_length(inputs_embeds, kwargs)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  use_cache=use_cache, **kwargs)
-        return MergeBridgeModelOutput(last_hidden_state=out.last_hidden_state,
-                                      past_key_values=getattr(out, "past_key_values", None),
-                                      hidden_states=getattr(out, "hidden_states", None),
-                                      image_hidden_states=image_features)
+                                  position_ids=position_ids, use_cache=use_cache, **kwargs)
+        return outputs_from(MergeBridgeModelOutput, out, image_hidden_states=image_features)
 
 
 class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, GenerationMixin):
@@ -245,32 +241,24 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
 
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: Any = None, inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
                 **kwargs: Any) -> MergeBridgeOutput:
         r"""
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
             Next-token targets aligned with `input_ids` (the LLM shifts them); -100 on image, prompt and
             padding positions, as `MergeBridgeProcessor(..., targets=...)` builds them.
+        kwargs: passed to the LLM unchanged, the cache among them under whichever name the caller used.
+
+        `generate()` is GenerationMixin's own: it sends `pixel_values` only at prefill (or on every step
+        without a cache, when the prompt is re-read whole).
         """
         inputs_embeds, image_features, counts = self._merge_inputs(input_ids, inputs_embeds, pixel_values)
-        self._check_length(inputs_embeds, past_key_values)
+        self._check_length(inputs_embeds, kwargs)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values, labels=labels,
-                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        return MergeBridgeOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
-                                 hidden_states=out.hidden_states, image_hidden_states=image_features,
-                                 bridge_token_counts=counts)
-
-    def prepare_inputs_for_generation(self, *args: Any, pixel_values: Tensor | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        """Pixels only while the prompt is encoded (prefill); later steps read the visual prefix from the cache."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache = inputs.get("past_key_values")
-        inputs.pop("pixel_values", None)
-        if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
-            inputs["pixel_values"] = pixel_values
-        return inputs
+                                  position_ids=position_ids, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+        return outputs_from(MergeBridgeOutput, out, image_hidden_states=image_features, bridge_token_counts=counts)
 
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, bridge_init: str | None = None,
