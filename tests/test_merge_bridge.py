@@ -164,8 +164,34 @@ def test_generate_greedy_beam_and_cache_consistency(tokenizer):
     assert not (cached[:, batch["input_ids"].shape[1]:] == proc.image_token_id).any()  # never generated
     beams = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False)
     assert beams.shape[0] == 2 and beams.shape[1] > batch["input_ids"].shape[1]
+    assert torch.equal(beams, model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False))
+    full = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(full.sequences, beams)
     texts = proc.batch_decode(cached[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_forward_takes_and_returns_the_cache_under_the_installed_name(tokenizer):
+    """Prefill then one cached step equals the uncached forward: the cache crosses forward under CACHE_NAME."""
+    from dataclasses import fields
+
+    from leanvlp.modeling.modeling_merge_bridge import MergeBridgeModelOutput, MergeBridgeOutput
+    from leanvlp.modeling.transformers_compat import CACHE_NAME
+
+    assert all(CACHE_NAME in {f.name for f in fields(cls)} for cls in (MergeBridgeOutput, MergeBridgeModelOutput))
+    model = make_model(tokenizer)
+    proc = make_processor(tokenizer, model.config)
+    prompts = [proc.build_prompt("vqa", question=q) for q in ("what colour is the circle?", "what colour?")]
+    batch = proc(images=images(2), text=prompts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        full = model(**batch).logits[:, -1]  # (B, V)
+        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=batch["pixel_values"],
+                        use_cache=True)
+        cache = prefill[CACHE_NAME]
+        assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{CACHE_NAME: cache}).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

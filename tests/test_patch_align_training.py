@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import BertTokenizer, ViTImageProcessorPil
+from transformers import BertTokenizer, ViTImageProcessorPil, get_cosine_schedule_with_warmup
 
 from leanvlp.data.shapes import COLOURS, PLURALS, SHAPES, make_shapes_dataset
 from leanvlp.modeling.configuration_patch_align import PatchAlignConfig
@@ -95,17 +95,26 @@ def test_retrieval_ranks_the_true_pair_first_after_overfitting(processor, tmp_pa
     cfg = config(loss_weights=dict(mlm=0.0, lm=0.0))  # ITC + ITM only
     cfg.text_config.hidden_dropout_prob = cfg.text_config.attention_probs_dropout_prob = 0.0
     model = PatchAlignForPreTraining(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(300):
+    # A settling schedule, not a constant lr: ITM's hard negatives are resampled every step, so at a constant
+    # 2e-3 the loss kept jumping and whether step 300 landed in a trough depended on the CPU's kernels. With
+    # warm-up + cosine decay and clipping, torch seeds 0-5 all reached ITM margins > 0.99 by step ~400 of 800.
+    steps = 800
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = get_cosine_schedule_with_warmup(opt, steps // 10, steps)
+    for _ in range(steps):
         out = model(**inputs)
         opt.zero_grad()
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
     model.save_pretrained(tmp_path)
     retrieval = PatchAlignForImageTextRetrieval.from_pretrained(tmp_path).eval()  # drops the MLM / LM heads
     with torch.no_grad():
         scores = retrieval(**inputs, k=3)
     target = torch.arange(6)
-    assert torch.equal(scores.itc_scores.argmax(1), target)
-    assert torch.equal(scores.i2t_scores.argmax(1), target)
-    assert torch.equal(scores.t2i_scores.argmax(1), target)
+    for name in ("itc_scores", "i2t_scores", "t2i_scores"):
+        s = getattr(scores, name)
+        margin = (s.diag() - s.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).max(1).values).min()
+        print(f"{name}: smallest margin of the true pair over the best other {float(margin):.3f}")
+        assert torch.equal(s.argmax(1), target), (name, s.argmax(1))
