@@ -150,8 +150,8 @@ def test_all_ones_sizes_make_proportional_attention_a_no_op():
     bias = MergeState(sizes=torch.ones(2, 17, 1)).attention_bias(prop_attn=True)
     assert bias.shape == (2, 1, 1, 17) and torch.equal(bias, torch.zeros(2, 1, 1, 17))
     with torch.no_grad():
-        plain, keys_plain = ViTLayerAdapter().attention(layer, hidden, None)
-        prop, keys_prop = ViTLayerAdapter().attention(layer, hidden, bias)
+        plain, keys_plain, _ = ViTLayerAdapter().attention(layer, hidden, None)
+        prop, keys_prop, _ = ViTLayerAdapter().attention(layer, hidden, bias)
     assert (plain - prop).abs().max().item() <= 1e-6
     assert torch.equal(keys_plain, keys_prop)
 
@@ -173,8 +173,8 @@ def test_proportional_attention_makes_merging_identical_tokens_invisible_to_othe
     hidden = torch.randn(1, 6, 32)
     hidden[:, 4] = hidden[:, 1]
     with torch.no_grad():
-        ref, _ = ViTLayerAdapter().attention(layer, hidden, None)
-        out, _ = ViTLayerAdapter().attention(layer, hidden[:, keep], MergeState(sizes=sizes).attention_bias(True))
+        ref, _, _ = ViTLayerAdapter().attention(layer, hidden, None)
+        out, _, _ = ViTLayerAdapter().attention(layer, hidden[:, keep], MergeState(sizes=sizes).attention_bias(True))
     assert (ref[:, keep] - out).abs().max().item() <= 1e-5
 
 

@@ -3,24 +3,39 @@
 A block is split at its seam: the attention sub-block runs, the r most similar token pairs are
 merged (bipartite soft matching on the attention keys averaged over heads), then the MLP
 sub-block runs on fewer tokens. Merged tokens carry a size; proportional attention adds log(size)
-to the attention logits through SDPA's additive float mask, so fused kernels keep working.
+to the attention logits as an additive bias on the key axis.
+
+Attention goes through transformers' attention interface for the layer's own config
+(`config._attn_implementation`): "eager" (ours, returns the probabilities, so `output_attentions`
+works through merged layers), "sdpa" (the default; the bias is SDPA's float mask, fused kernels keep
+working), "flex_attention" (no bias: transformers' flex entry point; with a bias: torch's compiled
+`flex_attention` with a score modification that adds the (B, N) key bias, never an (N, N) mask —
+transformers' flex wrapper reads a tensor mask per (b, q, kv) and crashed the CPU kernel in torch
+2.13, `malloc(): unaligned tcache chunk`), "flash_attention_*" (only when no bias is needed:
+`check_attention_backend` says so at construction time).
 
 The per-family `BlockAdapter`s run the layer's own submodules (no monkey-patching, no weight
 copies). `run_token_merging` is the block loop; `TokenMergingEncoder` is the same loop as an
 nn.Module that owns its layers (the MergeBridge bridge). Hooks (`BlockHook`) can act after
-attention or after each block (text-aware pruning, temporal merging).
+attention or after each block (text-aware pruning, temporal merging). When the owning model has
+gradient checkpointing enabled (transformers sets `layer.gradient_checkpointing`), each whole block
+(attention, hooks, merge, MLP) is checkpointed with the layer's own checkpointing function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "MERGE_MODES",
@@ -29,6 +44,10 @@ __all__ = [
     "bipartite_soft_matching",
     "merge_tokens",
     "padding_bias",
+    "attention_backend",
+    "check_attention_backend",
+    "eager_attention",
+    "flex_key_bias_attention",
     "self_attention",
     "BlockAdapter",
     "BertLayerAdapter",
@@ -242,8 +261,41 @@ def padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------- attention and adapters
 
 
+def attention_backend(module: nn.Module) -> str:
+    """The attention implementation a layer's own config asks for ("sdpa" when it names none)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) or "sdpa"
+
+
+def check_attention_backend(backend: str, merging: TokenMergingConfig, padded: bool = False,
+                            where: str = "token merging") -> None:
+    """Flash kernels take no additive bias: refuse a setting that needs one (proportional attention, padding)."""
+    if not backend.startswith("flash_attention"):
+        return
+    if merging.use_prop_attn:
+        raise ValueError(
+            f"{where}: attn_implementation={backend!r} cannot add proportional attention's log(size) bias; set "
+            f"merging mode='mean' or prop_attn=False (now mode={merging.mode!r}, prop_attn={merging.prop_attn}), "
+            "or use 'sdpa' / 'flex_attention'"
+        )
+    if padded:
+        raise ValueError(f"{where}: attn_implementation={backend!r} cannot take a padding bias; use 'sdpa' or "
+                         "'flex_attention' for padded inputs")
+
+
+def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scaling + mask) v, as transformers' per-model eager functions: ((B, N, h, d), (B, h, N, N))."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, h, N, N)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 def self_attention(
     hidden: Tensor,
+    module: nn.Module,
     q_proj: nn.Module,
     k_proj: nn.Module,
     v_proj: nn.Module,
@@ -251,23 +303,70 @@ def self_attention(
     scale: float,
     dropout_p: float,
     attn_bias: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """SDPA self-attention with the given projections; returns (context (B, N, h*d), keys mean over heads (B, N, d))."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Self-attention with the given projections through `module`'s configured backend.
+
+    Returns (context (B, N, h*d), keys mean over heads (B, N, d), probabilities (B, h, N, N) or None:
+    only eager computes them).
+    """
     B, N, _ = hidden.shape
     q = q_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)  # (B, h, N, d)
     k = k_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)
     v = v_proj(hidden).view(B, N, num_heads, -1).transpose(1, 2)
+    backend = attention_backend(module)
     if attn_bias is not None:
+        if backend.startswith("flash_attention"):
+            raise ValueError(f"attn_implementation={backend!r} cannot take the additive attention bias this "
+                             "block needs (proportional attention or padding); use 'sdpa' or 'flex_attention'")
         attn_bias = attn_bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, -1), k.detach().mean(dim=1)
+    if backend == "flex_attention" and attn_bias is not None:
+        attend = flex_key_bias_attention
+    elif backend == "eager":
+        attend = eager_attention
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS[backend]
+    out, weights = attend(module, q, k, v, attn_bias, dropout=dropout_p, scaling=scale, is_causal=False)
+    return out.reshape(B, N, -1), k.detach().mean(dim=1), weights
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def flex_key_bias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                            scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+    """torch's flex_attention with a key-axis bias (B, 1, 1, N) added as a score modification."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if dropout > 0:
+        raise ValueError("flex_attention does not support attention dropout; call model.eval() or set the "
+                         "attention dropout of the config to 0")
+    B, _, _, N = attention_mask.shape
+    if attention_mask.shape != (B, 1, 1, N):
+        raise ValueError(f"flex_attention: the bias must be on the key axis only, (B, 1, 1, N), got "
+                         f"{tuple(attention_mask.shape)}")
+    bias = attention_mask.view(B, N)
+
+    def add_key_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + bias[b, kv_idx]
+
+    if _compiled_flex is None:  # compiled once: flex's eager path is a slow reference implementation
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    out = _compiled_flex(query, key, value, score_mod=add_key_bias, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 class BlockAdapter(Protocol):
     """Runs one layer family's two sub-blocks with the layer's own submodules."""
 
-    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Norm, q/k/v, SDPA (+ attn_bias), out proj, residual -> (hidden (B, N, C), keys mean over heads)."""
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The layer's attention module: its `config` names the attention backend."""
+        ...
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Norm, q/k/v, attention (+ attn_bias), out proj, residual -> (hidden (B, N, C), keys mean over heads,
+        attention probabilities (B, h, N, N) or None)."""
         ...
 
     def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
@@ -278,15 +377,20 @@ class BlockAdapter(Protocol):
 class BertLayerAdapter:
     """transformers' `BertLayer` (post-LN, encoder self-attention only), e.g. the MergeBridge bridge."""
 
-    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.attention.self
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         if getattr(layer, "is_decoder", False):
             raise TypeError("BertLayerAdapter supports encoder (bidirectional) BertLayers only, got a decoder layer")
-        attn = layer.attention.self
+        attn = self.attention_module(layer)
         dropout_p = attn.dropout.p if attn.training else 0.0
-        context, keys = self_attention(
-            hidden, attn.query, attn.key, attn.value, attn.num_attention_heads, attn.scaling, dropout_p, attn_bias
+        context, keys, weights = self_attention(
+            hidden, attn, attn.query, attn.key, attn.value, attn.num_attention_heads, attn.scaling, dropout_p,
+            attn_bias,
         )
-        return layer.attention.output(context, hidden), keys  # dense, dropout, LayerNorm(+ residual)
+        return layer.attention.output(context, hidden), keys, weights  # dense, dropout, LayerNorm(+ residual)
 
     def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return layer.output(layer.intermediate(hidden), hidden)  # dense, act, dense, dropout, LayerNorm(+ residual)
@@ -311,13 +415,57 @@ class BlockHook:
 
 @dataclass
 class TokenMergingOutput(ModelOutput):
-    """Output of the merging block loop (and of `TokenMergingVisionTower`)."""
+    """Output of the merging block loop (and of `TokenMergingVisionTower`).
+
+    hidden_states: the input, then each layer's output, when asked; attentions: each layer's attention
+    probabilities (B, h, N_i, N_i) under eager attention, when asked. N_i shrinks layer by layer: entry i
+    has the token count layer i attended over (the count before its merge).
+    """
 
     last_hidden_state: Tensor | None = None  # (B, N', C)
     sizes: Tensor | None = None  # (B, N', 1)
     sources: Tensor | None = None  # (B, N', N0), only when tracked
     token_counts: list[int] | None = None  # after each layer
-    hidden_states: tuple[Tensor, ...] | None = None  # input + after each layer, when asked
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+def _block(
+    layer: nn.Module,
+    adapter: BlockAdapter,
+    merging: TokenMergingConfig,
+    layer_idx: int,
+    r: int,
+    hooks: Sequence[BlockHook],
+    n_in: int,
+    hidden: Tensor,
+    sizes: Tensor,
+    sources: Tensor | None,
+    attn_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One layer: attention -> hooks.after_attention -> merge r -> MLP -> hooks.after_block (tensors in and out,
+    so the whole block can run under activation checkpointing)."""
+    state = MergeState(sizes=sizes, sources=sources)
+    bias = attn_bias if hidden.shape[1] == n_in else None
+    if hidden.shape[1] < n_in:
+        prop = state.attention_bias(merging.use_prop_attn)
+        if prop is not None:
+            bias = prop
+    hidden, keys, weights = adapter.attention(layer, hidden, bias)
+    for hook in hooks:
+        hidden, state = hook.after_attention(layer_idx, hidden, state)
+    r = min(r, (hidden.shape[1] - merging.protected) // 2)
+    if r > 0:
+        if keys.shape[1] != hidden.shape[1]:
+            raise ValueError(
+                f"layer {layer_idx}: a hook changed the token count after attention ({keys.shape[1]} -> "
+                f"{hidden.shape[1]}); change it in after_block instead"
+            )
+        hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected)
+    hidden = adapter.mlp(layer, hidden)
+    for hook in hooks:
+        hidden, state = hook.after_block(layer_idx, hidden, state)
+    return hidden, state.sizes, state.sources, weights
 
 
 def run_token_merging(
@@ -329,12 +477,15 @@ def run_token_merging(
     hooks: Sequence[BlockHook] = (),
     track_sources: bool = False,
     output_hidden_states: bool = False,
+    output_attentions: bool = False,
 ) -> TokenMergingOutput:
     """The block loop: per layer, attention -> hooks.after_attention -> merge r_i -> MLP -> hooks.after_block.
 
     `attn_bias` (additive, broadcastable to (B, h, N, N), e.g. `padding_bias(mask)`) is used while
     the token count is unchanged and dropped once it changes (merged tokens are all real tokens).
     Proportional attention is added only once some token holds more than one original token.
+    A layer whose `gradient_checkpointing` transformers has switched on runs its whole block checkpointed
+    while training.
     """
     B, n_in, _ = hidden.shape
     schedule = merging.schedule(len(layers))
@@ -343,39 +494,33 @@ def run_token_merging(
     sources = None
     if track_sources:
         sources = torch.eye(n_in, device=hidden.device, dtype=torch.float32).expand(B, n_in, n_in)
-    state = MergeState(sizes=hidden.new_ones(B, n_in, 1, dtype=torch.float32), sources=sources)
+    sizes = hidden.new_ones(B, n_in, 1, dtype=torch.float32)
     counts: list[int] = []
     all_hidden = [hidden] if output_hidden_states else None
+    all_attentions: list[Tensor] | None = [] if output_attentions else None
     for i, (layer, r) in enumerate(zip(layers, schedule)):
-        n = hidden.shape[1]
-        bias = attn_bias if n == n_in else None
-        if n < n_in:
-            prop = state.attention_bias(merging.use_prop_attn)
-            if prop is not None:
-                bias = prop
-        hidden, keys = adapter.attention(layer, hidden, bias)
-        for hook in hooks:
-            hidden, state = hook.after_attention(i, hidden, state)
-        r = min(r, (hidden.shape[1] - merging.protected) // 2)
-        if r > 0:
-            if keys.shape[1] != hidden.shape[1]:
-                raise ValueError(
-                    f"layer {i}: a hook changed the token count after attention ({keys.shape[1]} -> "
-                    f"{hidden.shape[1]}); change it in after_block instead"
-                )
-            hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected)
-        hidden = adapter.mlp(layer, hidden)
-        for hook in hooks:
-            hidden, state = hook.after_block(i, hidden, state)
+        block = partial(_block, layer, adapter, merging, i, r, hooks, n_in)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            hidden, sizes, sources, weights = layer._gradient_checkpointing_func(block, hidden, sizes, sources,
+                                                                                 attn_bias)
+        else:
+            hidden, sizes, sources, weights = block(hidden, sizes, sources, attn_bias)
         counts.append(hidden.shape[1])
         if all_hidden is not None:
             all_hidden.append(hidden)
+        if all_attentions is not None:
+            if weights is None:
+                logger.warning_once(f"{attention_backend(adapter.attention_module(layer))} attention returns no "
+                                    "attention maps: set attn_implementation='eager' for output_attentions=True")
+            else:
+                all_attentions.append(weights)
     return TokenMergingOutput(
         last_hidden_state=hidden,
-        sizes=state.sizes,
-        sources=state.sources,
+        sizes=sizes,
+        sources=sources,
         token_counts=counts,
         hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        attentions=tuple(all_attentions) if all_attentions is not None else None,
     )
 
 
@@ -402,6 +547,16 @@ class TokenMergingEncoder(nn.Module):
         self.merging = _as_config(merging)
         self.hooks = tuple(hooks)
         self.merging.schedule(len(layers))  # validate a per-layer list early
+        self.check_backend()
+
+    def check_backend(self, padded: bool = False) -> None:
+        """A clear error now, rather than in a kernel, if the layers' attention backend cannot run this merging."""
+        check_attention_backend(self.backend, self.merging, padded, "TokenMergingEncoder")
+
+    @property
+    def backend(self) -> str:
+        """The attention implementation the layers' config names (they share one config)."""
+        return attention_backend(self.adapter.attention_module(self.layers[0]))
 
     def forward(
         self,
@@ -410,6 +565,7 @@ class TokenMergingEncoder(nn.Module):
         hooks: Sequence[BlockHook] = (),
         track_sources: bool = False,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> TokenMergingOutput:
         return run_token_merging(
             self.layers,
@@ -420,6 +576,7 @@ class TokenMergingEncoder(nn.Module):
             hooks=(*self.hooks, *hooks),
             track_sources=track_sources,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
 
     def token_counts(self, num_tokens: int) -> list[int]:

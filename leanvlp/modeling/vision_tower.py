@@ -20,6 +20,8 @@ from .token_merging import (
     TokenMergingConfig,
     TokenMergingOutput,
     _as_config,
+    attention_backend,
+    check_attention_backend,
     run_token_merging,
     self_attention,
 )
@@ -39,14 +41,18 @@ __all__ = [
 class CLIPLayerAdapter:
     """`CLIPEncoderLayer` and `SiglipEncoderLayer` (pre-LN: layer_norm1, self_attn, layer_norm2, mlp)."""
 
-    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         attn = layer.self_attn
         dropout_p = attn.dropout if attn.training else 0.0
-        context, keys = self_attention(
-            layer.layer_norm1(hidden), attn.q_proj, attn.k_proj, attn.v_proj, attn.num_heads, attn.scale, dropout_p,
-            attn_bias,
+        context, keys, weights = self_attention(
+            layer.layer_norm1(hidden), attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.num_heads, attn.scale,
+            dropout_p, attn_bias,
         )
-        return hidden + attn.out_proj(context), keys
+        return hidden + attn.out_proj(context), keys, weights
 
     def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return hidden + layer.mlp(layer.layer_norm2(hidden))
@@ -55,14 +61,18 @@ class CLIPLayerAdapter:
 class ViTLayerAdapter:
     """`ViTLayer` (pre-LN with hidden dropout after each sub-block)."""
 
-    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.attention
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         attn = layer.attention
         dropout_p = attn.attention_dropout if attn.training else 0.0
-        context, keys = self_attention(
-            layer.layernorm_before(hidden), attn.q_proj, attn.k_proj, attn.v_proj, attn.num_attention_heads,
+        context, keys, weights = self_attention(
+            layer.layernorm_before(hidden), attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.num_attention_heads,
             attn.scaling, dropout_p, attn_bias,
         )
-        return hidden + layer.dropout(attn.o_proj(context)), keys
+        return hidden + layer.dropout(attn.o_proj(context)), keys, weights
 
     def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return hidden + layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
@@ -71,14 +81,18 @@ class ViTLayerAdapter:
 class Dinov2LayerAdapter:
     """`Dinov2Layer` (pre-LN with layer scale and drop path; MLP or SwiGLU FFN)."""
 
-    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.attention
+
+    def attention(self, layer: nn.Module, hidden: Tensor, attn_bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         attn = layer.attention
         dropout_p = attn.attention_dropout if attn.training else 0.0
-        context, keys = self_attention(
-            layer.norm1(hidden), attn.q_proj, attn.k_proj, attn.v_proj, attn.num_attention_heads, attn.scaling,
+        context, keys, weights = self_attention(
+            layer.norm1(hidden), attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.num_attention_heads, attn.scaling,
             dropout_p, attn_bias,
         )
-        return hidden + layer.drop_path(layer.layer_scale1(attn.o_proj(context))), keys
+        return hidden + layer.drop_path(layer.layer_scale1(attn.o_proj(context))), keys, weights
 
     def mlp(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return hidden + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden))))
@@ -152,6 +166,12 @@ class TokenMergingVisionTower(nn.Module):
             merging = TokenMergingConfig(r=0, protected=self._family.prefix_tokens)
         self.merging = _as_config(merging)
         self.merging.schedule(self.num_layers)  # validate a per-layer list early
+        check_attention_backend(self.backend, self.merging, where="TokenMergingVisionTower")
+
+    @property
+    def backend(self) -> str:
+        """The attention implementation the vision model's config names (`set_attn_implementation` changes it)."""
+        return attention_backend(self._family.adapter.attention_module(self.layers[0]))
 
     @property
     def config(self):
@@ -191,9 +211,13 @@ class TokenMergingVisionTower(nn.Module):
         track_sources: bool = False,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> TokenMergingOutput:
+        """hidden_states: the embeddings, then each layer's output (before the final norm, as transformers'
+        towers); attentions (eager only): each layer's probabilities over its own, shrinking, token count."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+        check_attention_backend(self.backend, self.merging, where="TokenMergingVisionTower")
         model, family = self.vision_model, self._family
         pixel_values = pixel_values.to(model.dtype)
         hidden = family.embed(model, pixel_values, interpolate_pos_encoding)  # (B, N, C)
@@ -205,6 +229,7 @@ class TokenMergingVisionTower(nn.Module):
             hooks=hooks,
             track_sources=track_sources,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         out.last_hidden_state = family.final_norm(model, out.last_hidden_state)
         return out
