@@ -262,13 +262,21 @@ def test_bridge_compiles_with_fullgraph_and_equals_eager_mode():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("merging", ["r0", *MERGINGS])
-def test_flex_attention_equals_sdpa(merging):
-    kw = dict(r=0) if merging == "r0" else MERGINGS[merging]
+def test_flex_attention_at_r0_equals_the_transformers_model_under_flex():
+    model = _tiny("vit", "flex_attention")
+    tower = TokenMergingVisionTower(model)
+    assert tower.backend == "flex_attention"
+    with torch.no_grad():
+        expected = model(pixel_values=_pixels()).last_hidden_state
+        assert (tower(_pixels()).last_hidden_state - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merging", list(MERGINGS))
+def test_flex_attention_equals_sdpa_with_merging_on(merging):
     outs = {}
     for backend in ("sdpa", "flex_attention"):
-        tower = TokenMergingVisionTower(_tiny("vit", backend), TokenMergingConfig(**kw))
-        assert tower.backend == backend
+        tower = TokenMergingVisionTower(_tiny("vit", backend), TokenMergingConfig(**MERGINGS[merging]))
         with torch.no_grad():
             outs[backend] = tower(_pixels()).last_hidden_state
     assert (outs["sdpa"] - outs["flex_attention"]).abs().max().item() <= TOL

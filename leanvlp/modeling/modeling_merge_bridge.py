@@ -97,7 +97,7 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
     base_model_prefix = "merge_bridge"
     main_input_name = "input_ids"
     input_modalities = ("image", "video", "text")
-    supports_gradient_checkpointing = True  # checkpoints the LLM decoder layers (where the activations are)
+    supports_gradient_checkpointing = True  # LLM decoder layers, and every block of the tower and the bridge
     _supports_sdpa = True
     _no_split_modules = ["BertLayer", "LlamaDecoderLayer", "OPTDecoderLayer", "CLIPEncoderLayer", "ViTLayer",
                          "Dinov2Layer", "SiglipEncoderLayer"]
