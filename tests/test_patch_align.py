@@ -476,3 +476,10 @@ def test_fused_token_weighting_is_a_switch(keep_ratio):
     else:
         assert encoded[False].shape == encoded[True].shape == (2, 1 + 8 + 1, 32)
         assert not torch.allclose(encoded[False], encoded[True])
+
+
+def test_text_longer_than_the_encoders_positions_is_refused_naming_the_limit():
+    model = PatchAlignForPreTraining(tiny_config()).eval()
+    px, ids = batch(B=2, T=model.config.text_config.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match=r"max_position_embeddings=\d+ positions.*max_length<="):
+        model(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids))

@@ -90,3 +90,11 @@ def test_each_head_overfits_a_tiny_batch(head):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first, (head, first, loss.item())
+
+
+@pytest.mark.parametrize("dim", [1, 5, 16])
+def test_region_features_of_the_wrong_size_are_refused_naming_teacher_size(dim):
+    # dim 1 used to broadcast silently into the loss; 5 and 16 failed deep inside torch
+    targets = _targets(D=dim)
+    with pytest.raises(ValueError, match=rf"region_features has feature size {dim} .*teacher_size=8"):
+        _heads(region_feature=True)(torch.randn(4, 16, 32), **targets)

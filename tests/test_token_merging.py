@@ -363,3 +363,10 @@ def test_other_bad_inputs_give_clear_errors():
         merge_tokens(torch.randn(1, 5, 2), torch.randn(1, 5, 2), 1, MergeState(), mode="median")
     with pytest.raises(TypeError, match="merging"):
         TokenMergingVisionTower(_tiny("vit"), merging=16)
+
+
+def test_raw_uint8_pixels_are_refused_naming_the_dtype():
+    tower = TokenMergingVisionTower(_tiny("vit"))
+    raw = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"dtype torch.uint8 \(value range \d+\.\.\d+\); run the model's processor"):
+        tower(raw)

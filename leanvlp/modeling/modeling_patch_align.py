@@ -333,6 +333,13 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Unimodal BERT: (B, T) -> (B, T, Ct)."""
+        limit = self.config.text_config.max_position_embeddings
+        if input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"PatchAlign: input_ids has {input_ids.shape[-1]} tokens but the text encoder has "
+                f"text_config.max_position_embeddings={limit} positions; build inputs with "
+                f"PatchAlignProcessor(max_length<={limit})"
+            )
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def encode_image(self, pixel_values: Tensor, text_cls: Tensor | None = None, want_patches: bool = False) -> ImageEncoding:

@@ -87,6 +87,11 @@ class RegionFeatureHead(nn.Module):
     def loss(self, patches: Tensor, box_masks: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
         """targets (B, M, D) teacher features; valid (B, M) bool: a real box with a teacher feature."""
         pred = self(patches, box_masks)
+        if targets.shape != pred.shape:  # a (B, M, 1) target would broadcast silently into the loss
+            raise ValueError(
+                f"RegionFeatureHead: region_features has feature size {targets.shape[-1]} but the head predicts "
+                f"teacher_size={pred.shape[-1]} (PatchAlignConfig.teacher_size; value shape {tuple(targets.shape)})"
+            )
         targets = targets.to(pred.dtype)
         if self.loss_type == "cosine":
             per_box = 1 - F.cosine_similarity(pred, targets, dim=-1)

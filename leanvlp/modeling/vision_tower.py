@@ -217,6 +217,12 @@ class TokenMergingVisionTower(nn.Module):
         towers); attentions (eager only): each layer's probabilities over its own, shrinking, token count."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():  # raw 0-255 bytes would run, silently wrong
+            raise ValueError(
+                f"TokenMergingVisionTower: pixel_values must be floats normalised by the image processor, got "
+                f"dtype {pixel_values.dtype} (value range {int(pixel_values.min())}..{int(pixel_values.max())}); "
+                "run the model's processor on the images"
+            )
         check_attention_backend(self.backend, self.merging, where="TokenMergingVisionTower")
         model, family = self.vision_model, self._family
         pixel_values = pixel_values.to(model.dtype)
