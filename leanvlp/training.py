@@ -253,7 +253,12 @@ def to_pairs(data: Dataset | IterableDataset, task: str, annotations: bool = Fal
                     out[c].append(batch[c][i])
         return out
 
-    return data.map(flatten, batched=True, remove_columns=list(data.column_names))
+    pairs = data.map(flatten, batched=True, remove_columns=list(data.column_names))
+    if isinstance(pairs, Dataset) and len(pairs) == 0:  # e.g. --task vqa on rows whose `questions` are all empty
+        field = "questions" if task == "vqa" else "captions"
+        raise ValueError(f"to_pairs: {field} is empty in every one of the {len(data)} rows, so task {task!r} has "
+                         "no training pairs")
+    return pairs
 
 
 def _majority(answers: Sequence[str]) -> str:

@@ -155,3 +155,11 @@ def test_stream_without_known_columns_is_checked_row_by_row(tmp_path):
     assert row["captions"] == ["A PICTURE"] and row["image"].mode == "RGB" and set(row) == set(FEATURES)
     with pytest.raises(ValueError, match=r"image: column 'picture' not found; available columns: \['caption'"):
         list(load_hf_dataset(raw, image_column="picture", caption_column="caption"))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_an_empty_saved_dataset_is_refused_naming_the_folder(tmp_path, as_dict):
+    empty = make_shapes_dataset(2, image_size=32).select([])
+    (DatasetDict(train=empty) if as_dict else empty).save_to_disk(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"load_hf_dataset: source .*empty.* is an empty dataset \(0 rows"):
+        load_hf_dataset(tmp_path / "empty")

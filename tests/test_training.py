@@ -173,6 +173,9 @@ def test_missing_column_and_empty_dataset(tmp_path):
         to_pairs(shapes.remove_columns("captions"), "caption")
     with pytest.raises(ValueError, match="empty"):
         to_pairs(shapes.select([]), "caption")
+    no_questions = shapes.map(lambda row: {"questions": [], "answers": []})
+    with pytest.raises(ValueError, match=r"questions is empty in every one of the 2 rows, so task 'vqa' has no"):
+        to_pairs(no_questions, "vqa")
 
 
 def test_corrupt_image_fails_fast_naming_the_sample_or_is_skipped_and_counted():

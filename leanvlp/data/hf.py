@@ -12,6 +12,7 @@ read undecoded and decodes lazily to RGB.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def _open(source: Any, split: str, streaming: bool) -> Dataset | IterableDataset
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            _check_saved_rows(path)
             data = _pick_split(load_from_disk(str(path)), split)
         elif path.is_file():
             if path.suffix not in _FILE_BUILDERS:
@@ -54,6 +56,15 @@ def _open(source: Any, split: str, streaming: bool) -> Dataset | IterableDataset
     if streaming and isinstance(data, Dataset):
         data = data.to_iterable_dataset()
     return data
+
+
+def _check_saved_rows(path: Path) -> None:
+    """An empty save_to_disk folder makes datasets fail with an IndexError from its internals: say what it is."""
+    states = [path / "state.json"] if (path / "state.json").exists() else sorted(path.glob("*/state.json"))
+    for state in states:
+        if not json.loads(state.read_text()).get("_data_files"):
+            raise ValueError(f"load_hf_dataset: source {state.parent} is an empty dataset (0 rows saved with "
+                             "save_to_disk)")
 
 
 def _as_list(value: Any) -> list:
