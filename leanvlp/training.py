@@ -35,6 +35,8 @@ from datasets import Image as ImageFeature
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging
 
+from .checkpoints import CheckpointCompleteMarker, resolve_resume
+
 logger = logging.get_logger("leanvlp.training")
 
 FAMILIES = ("merge_bridge", "patch_align")
@@ -569,6 +571,12 @@ class LeanTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(CheckpointCompleteMarker())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """As Trainer's, but resumes only from a complete checkpoint ("latest": the newest complete one)."""
+        return super().train(resume_from_checkpoint=resolve_resume(resume_from_checkpoint, self.args.output_dir),
+                             **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
