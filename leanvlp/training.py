@@ -257,9 +257,9 @@ def to_pairs(data: Dataset | IterableDataset, task: str, annotations: bool = Fal
 
     pairs = data.map(flatten, batched=True, remove_columns=list(data.column_names))
     if isinstance(pairs, Dataset) and len(pairs) == 0:  # e.g. --task vqa on rows whose `questions` are all empty
-        field = "questions" if task == "vqa" else "captions"
-        raise ValueError(f"to_pairs: {field} is empty in every one of the {len(data)} rows, so task {task!r} has "
-                         "no training pairs")
+        fields = "'questions' / 'answers' are" if task == "vqa" else "'captions' is"
+        raise ValueError(f"to_pairs: {fields} empty in every one of the {len(data)} rows, so task {task!r} has "
+                         "no pairs")
     return pairs
 
 

@@ -174,7 +174,7 @@ def test_missing_column_and_empty_dataset(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         to_pairs(shapes.select([]), "caption")
     no_questions = shapes.map(lambda row: {"questions": [], "answers": []})
-    with pytest.raises(ValueError, match=r"questions is empty in every one of the 2 rows, so task 'vqa' has no"):
+    with pytest.raises(ValueError, match=r"'questions' / 'answers' are empty in every one of the 2 rows, so task 'vqa' has no pairs"):
         to_pairs(no_questions, "vqa")
 
 
