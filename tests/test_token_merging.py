@@ -240,6 +240,40 @@ def test_bipartite_matching_by_hand_order_and_size_weighting():
     assert state_mean.sizes.flatten().tolist() == [1, 1, 1, 4]
 
 
+def test_unmerged_order_without_protected_tokens_follows_the_official_tome_code():
+    """Six tokens, nothing protected: A = positions 0, 2, 4 and B = 1, 3, 5. One-hot keys make A0's best
+    cosine 0.6 (to B1), A2's 1.0 (to B3) and A4's 0.8 (to B5), so r=1 merges A2 into B3. The official code
+    keeps the unmerged A tokens in descending score order (A4, A0) when no CLS is protected; "spatial"
+    re-sorts them (A0, A4). That order is the next block's A/B split, so the groups diverge from then on."""
+    e = torch.eye(4)  # e[3] is a direction no B token has
+    metric = torch.stack([
+        0.6 * e[0] + 0.8 * e[3],  # A0: cosine 0.6 with B1, 0 with B3 and B5
+        e[0],                     # B1
+        e[1],                     # A2: cosine 1.0 with B3
+        e[1],                     # B3
+        0.8 * e[2] + 0.6 * e[3],  # A4: cosine 0.8 with B5, 0 with B1 and B3
+        e[2],                     # B5
+    ])[None]  # (1, 6, 4)
+    x = torch.arange(6.0).view(1, 6, 1)
+    tome, _ = merge_tokens(x, metric, 1, MergeState(), "mean", protected=0)
+    spatial, _ = merge_tokens(x, metric, 1, MergeState(), "mean", protected=0, unmerged_order="spatial")
+    assert tome.flatten().tolist() == [4.0, 0.0, 1.0, 2.5, 5.0]     # [A4, A0, B1, (A2+B3)/2, B5]
+    assert spatial.flatten().tolist() == [0.0, 4.0, 1.0, 2.5, 5.0]  # [A0, A4, B1, (A2+B3)/2, B5]
+    assert TokenMergingConfig().unmerged_order == "tome"
+    # with a protected token both orders are the position order (ToMe re-sorts after its CLS fix-up)
+    a, _ = merge_tokens(x, metric, 1, MergeState(), "mean", protected=1)
+    b, _ = merge_tokens(x, metric, 1, MergeState(), "mean", protected=1, unmerged_order="spatial")
+    assert torch.equal(a, b)
+
+
+def test_unmerge_inverts_merge_in_the_tome_order_too():
+    metric, x = torch.randn(2, 10, 4), torch.randn(2, 10, 5)
+    merge, unmerge = bipartite_soft_matching(metric, 3, protected=0, unmerged_order="tome")
+    back = unmerge(merge(x, "mean"))
+    for i in range(2):
+        assert len({tuple(t.tolist()) for t in back[i]}) == 10 - 3
+
+
 def test_protected_tokens_stay_in_front_in_order():
     metric, x = torch.randn(2, 10, 4), torch.randn(2, 10, 6)
     metric[:, 1] = metric[:, 2]  # a distillation token identical to a patch must still not merge
@@ -319,7 +353,7 @@ def test_run_token_merging_without_merging_leaves_the_layers_untouched():
 
 @pytest.mark.parametrize("r", [16, (16, -1), [3, 0, 5]])
 def test_config_round_trips_through_json_and_a_model_config(r, tmp_path):
-    merging = TokenMergingConfig(r=r, mode="mean", prop_attn=False, protected=0)
+    merging = TokenMergingConfig(r=r, mode="mean", prop_attn=False, protected=0, unmerged_order="spatial")
     again = TokenMergingConfig.from_dict(json.loads(json.dumps(merging.to_dict())))
     assert again == merging and type(again.r) is type(merging.r)
     ViTConfig(token_merging=merging.to_dict()).save_pretrained(tmp_path)
@@ -340,6 +374,7 @@ def test_config_round_trips_through_json_and_a_model_config(r, tmp_path):
         (dict(protected=-1), "protected.*-1"),
         (dict(protected=1.5), "protected.*1.5"),
         (dict(prop_attn="yes"), "'yes'"),
+        (dict(unmerged_order="sorted"), "unmerged_order.*'sorted'"),
     ],
 )
 def test_bad_config_values_are_named_in_the_error(kwargs, match):

@@ -39,6 +39,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "MERGE_MODES",
+    "UNMERGED_ORDERS",
     "TokenMergingConfig",
     "MergeState",
     "bipartite_soft_matching",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 MERGE_MODES = ("size_weighted", "mean")
+UNMERGED_ORDERS = ("tome", "spatial")
 
 
 # ----------------------------------------------------------------------------- config
@@ -78,12 +80,17 @@ class TokenMergingConfig:
     mode: "size_weighted" (ToMe: size-weighted average, proportional attention) or "mean"
     (EVLGen: plain mean; sizes are still counted but never weight anything).
     protected: leading tokens that never merge (1 = CLS; 0 for SigLIP, which has no CLS).
+    unmerged_order: where the A tokens that were not merged go. "tome" (default) is the official ToMe
+    code: re-sorted into position order only when a token is protected (its CLS fix-up), otherwise left
+    in descending order of their best match score, which decides the next block's A/B split. "spatial"
+    always re-sorts them (leanvlp before 0.2; identical to "tome" whenever protected > 0).
     """
 
     r: int | tuple[int, int] | list[int] = 0
     mode: str = "size_weighted"
     prop_attn: bool = True
     protected: int = 1
+    unmerged_order: str = "tome"
 
     def __post_init__(self) -> None:
         r = self.r
@@ -106,6 +113,10 @@ class TokenMergingConfig:
             raise ValueError(f"TokenMergingConfig.prop_attn must be a bool, got {self.prop_attn!r}")
         if not _is_int(self.protected) or self.protected < 0:
             raise ValueError(f"TokenMergingConfig.protected must be an int >= 0, got {self.protected!r}")
+        if self.unmerged_order not in UNMERGED_ORDERS:
+            raise ValueError(
+                f"TokenMergingConfig.unmerged_order must be one of {UNMERGED_ORDERS}, got {self.unmerged_order!r}"
+            )
 
     @staticmethod
     def _check_r_value(value: Any, whole: Any) -> None:
@@ -119,11 +130,12 @@ class TokenMergingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         r = list(self.r) if isinstance(self.r, (tuple, list)) else self.r
-        return {"r": r, "mode": self.mode, "prop_attn": self.prop_attn, "protected": self.protected}
+        return {"r": r, "mode": self.mode, "prop_attn": self.prop_attn, "protected": self.protected,
+                "unmerged_order": self.unmerged_order}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenMergingConfig:
-        unknown = set(d) - {"r", "mode", "prop_attn", "protected"}
+        unknown = set(d) - {"r", "mode", "prop_attn", "protected", "unmerged_order"}
         if unknown:
             raise ValueError(f"TokenMergingConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
@@ -176,7 +188,7 @@ class MergeState:
 
 
 def bipartite_soft_matching(
-    metric: Tensor, r: int, protected: int
+    metric: Tensor, r: int, protected: int, unmerged_order: str = "tome"
 ) -> tuple[Callable[[Tensor, str], Tensor], Callable[[Tensor], Tensor]]:
     """Match r tokens of set A into set B by cosine similarity of `metric` (B, N, D).
 
@@ -184,14 +196,18 @@ def bipartite_soft_matching(
     all stay in front in their order, so a distillation token stays at index 1). Among the rest,
     A = even positions and B = odd positions; each A token picks its most similar B token and the
     r A tokens with the highest such scores merge into their partners. Returns `merge(x, reduce)`
-    mapping (B, N, C) -> (B, N - r, C) in the order [protected, unmerged A (in order), B], with
-    reduce "sum" or "mean", and `unmerge(y)` mapping merged tokens back to (B, N, C).
+    mapping (B, N, C) -> (B, N - r, C) in the order [protected, unmerged A, B], with reduce "sum" or
+    "mean", and `unmerge(y)` mapping merged tokens back to (B, N, C). Unmerged A tokens are in position
+    order when `unmerged_order="spatial"` or any token is protected, else in descending score order
+    (`"tome"`, the official code's order; see `TokenMergingConfig.unmerged_order`).
     """
     B, N, _ = metric.shape
     if not _is_int(protected) or not 0 <= protected <= N:
         raise ValueError(f"protected must be an int in [0, N={N}], got {protected!r}")
     if not _is_int(r) or r < 0:
         raise ValueError(f"r must be an int >= 0, got {r!r}")
+    if unmerged_order not in UNMERGED_ORDERS:
+        raise ValueError(f"unmerged_order must be one of {UNMERGED_ORDERS}, got {unmerged_order!r}")
     r = min(r, (N - protected) // 2)
     a_start = protected + protected % 2  # first even position >= protected
     b_start = protected + 1 - protected % 2  # first odd position >= protected
@@ -201,7 +217,10 @@ def bipartite_soft_matching(
         best, partner = scores.max(dim=-1)  # (B, Na)
         order = best.argsort(dim=-1, descending=True)
         src_idx = order[:, :r, None]  # (B, r, 1) merged A tokens
-        unm_idx = order[:, r:].sort(dim=-1).values[..., None]  # (B, Na - r, 1) kept, in order
+        unm_idx = order[:, r:]  # (B, Na - r) kept A tokens, best score first
+        if unmerged_order == "spatial" or protected > 0:
+            unm_idx = unm_idx.sort(dim=-1).values
+        unm_idx = unm_idx[..., None]  # (B, Na - r, 1)
         dst_idx = partner[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
     num_a = (N - a_start + 1) // 2
 
@@ -229,14 +248,15 @@ def bipartite_soft_matching(
 
 
 def merge_tokens(
-    x: Tensor, metric: Tensor, r: int, state: MergeState, mode: str = "size_weighted", protected: int = 1
+    x: Tensor, metric: Tensor, r: int, state: MergeState, mode: str = "size_weighted", protected: int = 1,
+    unmerged_order: str = "tome",
 ) -> tuple[Tensor, MergeState]:
     """Merge r tokens of x (B, N, C) -> (B, N - r', C), r' = min(r, (N - protected) // 2)."""
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
     if metric.shape[:2] != x.shape[:2]:
         raise ValueError(f"metric {tuple(metric.shape)} and x {tuple(x.shape)} disagree on (B, N)")
-    merge, _ = bipartite_soft_matching(metric, r, protected)
+    merge, _ = bipartite_soft_matching(metric, r, protected, unmerged_order)
     sizes = state.sizes if state.sizes is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
     if mode == "size_weighted":
         x = merge(x * sizes.to(x.dtype), "sum")
@@ -461,7 +481,7 @@ def _block(
                 f"layer {layer_idx}: a hook changed the token count after attention ({keys.shape[1]} -> "
                 f"{hidden.shape[1]}); change it in after_block instead"
             )
-        hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected)
+        hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected, merging.unmerged_order)
     hidden = adapter.mlp(layer, hidden)
     for hook in hooks:
         hidden, state = hook.after_block(layer_idx, hidden, state)
