@@ -44,6 +44,8 @@ __all__ = [
     "MergeState",
     "bipartite_soft_matching",
     "merge_tokens",
+    "relevant_guard",
+    "text_relevance",
     "padding_bias",
     "attention_backend",
     "check_attention_backend",
@@ -84,6 +86,10 @@ class TokenMergingConfig:
     code: re-sorted into position order only when a token is protected (its CLS fix-up), otherwise left
     in descending order of their best match score, which decides the next block's A/B split. "spatial"
     always re-sorts them (leanvlp before 0.2; identical to "tome" whenever protected > 0).
+    protect_relevant: text-guided merging (0 = off). Given per-token relevance scores (e.g. similarity to
+    the question), in every block up to this many tokens whose relevance is above their image's mean
+    neither merge nor absorb another token; the rest merge as usual, so the token count per block is the
+    same as without guidance. See `bipartite_soft_matching` for the rule.
     """
 
     r: int | tuple[int, int] | list[int] = 0
@@ -91,6 +97,7 @@ class TokenMergingConfig:
     prop_attn: bool = True
     protected: int = 1
     unmerged_order: str = "tome"
+    protect_relevant: int = 0
 
     def __post_init__(self) -> None:
         r = self.r
@@ -113,6 +120,10 @@ class TokenMergingConfig:
             raise ValueError(f"TokenMergingConfig.prop_attn must be a bool, got {self.prop_attn!r}")
         if not _is_int(self.protected) or self.protected < 0:
             raise ValueError(f"TokenMergingConfig.protected must be an int >= 0, got {self.protected!r}")
+        if not _is_int(self.protect_relevant) or self.protect_relevant < 0:
+            raise ValueError(
+                f"TokenMergingConfig.protect_relevant must be an int >= 0, got {self.protect_relevant!r}"
+            )
         if self.unmerged_order not in UNMERGED_ORDERS:
             raise ValueError(
                 f"TokenMergingConfig.unmerged_order must be one of {UNMERGED_ORDERS}, got {self.unmerged_order!r}"
@@ -131,11 +142,11 @@ class TokenMergingConfig:
     def to_dict(self) -> dict[str, Any]:
         r = list(self.r) if isinstance(self.r, (tuple, list)) else self.r
         return {"r": r, "mode": self.mode, "prop_attn": self.prop_attn, "protected": self.protected,
-                "unmerged_order": self.unmerged_order}
+                "unmerged_order": self.unmerged_order, "protect_relevant": self.protect_relevant}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenMergingConfig:
-        unknown = set(d) - {"r", "mode", "prop_attn", "protected", "unmerged_order"}
+        unknown = set(d) - {"r", "mode", "prop_attn", "protected", "unmerged_order", "protect_relevant"}
         if unknown:
             raise ValueError(f"TokenMergingConfig.from_dict: unknown keys {sorted(unknown)}")
         return cls(**d)
@@ -159,6 +170,28 @@ class TokenMergingConfig:
             return list(self.r)
         return [self.r] * num_layers
 
+    def max_protect_relevant(self, num_tokens: int, num_layers: int) -> int:
+        """The most tokens text-guided merging can guard in every block while each still merges its r:
+        per merging block, Na - r (guarded A tokens cannot merge) and Nb - 1 (one B token must take them)."""
+        bound, n = num_tokens, num_tokens
+        for r in self.schedule(num_layers):
+            r = min(r, (n - self.protected) // 2)
+            if r > 0:
+                num_a, num_b = _split_sizes(n, self.protected)
+                bound = min(bound, num_a - r, num_b - 1)
+            n -= r
+        return bound
+
+    def check_protect_relevant(self, num_tokens: int, num_layers: int) -> None:
+        """Fail early when `protect_relevant` exceeds what the schedule leaves for `num_tokens` input tokens."""
+        bound = self.max_protect_relevant(num_tokens, num_layers)
+        if self.protect_relevant > bound:
+            raise ValueError(
+                f"TokenMergingConfig.protect_relevant={self.protect_relevant} is more than r={self.r!r} leaves for "
+                f"{num_tokens} tokens over {num_layers} layers: at most {bound} tokens can stay out of every "
+                "block's matching while it still merges r"
+            )
+
     def token_counts(self, num_tokens: int, num_layers: int) -> list[int]:
         """Token count after each layer for an input of `num_tokens` (clipped like the forward)."""
         if not _is_int(num_tokens) or num_tokens < self.protected:
@@ -179,6 +212,7 @@ class MergeState:
 
     sizes: Tensor | None = None  # (B, N, 1) float32, original tokens held by each token
     sources: Tensor | None = None  # (B, N, N0) float32 0/1, which original tokens each token holds
+    relevance: Tensor | None = None  # (B, N) float32, text relevance per token (text-guided merging only)
 
     def attention_bias(self, prop_attn: bool) -> Tensor | None:
         """Proportional attention as an additive mask: log(size) on the key axis, (B, 1, 1, N)."""
@@ -187,8 +221,30 @@ class MergeState:
         return self.sizes.log().transpose(1, 2).unsqueeze(1)
 
 
+def _split_sizes(n: int, protected: int) -> tuple[int, int]:
+    """(Na, Nb): how many of n tokens fall in set A (even positions) and B (odd) after `protected`."""
+    a_start, b_start = protected + protected % 2, protected + 1 - protected % 2
+    return (n - a_start + 1) // 2, (n - b_start + 1) // 2
+
+
+def relevant_guard(relevance: Tensor, protected: int, k: int, a_start: int, b_start: int) -> tuple[Tensor, Tensor]:
+    """Which A and B tokens text-guided merging keeps out of this block's matching: (B, Na), (B, Nb) bool.
+
+    Candidates are the non-protected tokens whose relevance is strictly above their image's mean (an image
+    whose relevance is all equal has none, so its matching is plain ToMe); the k most relevant candidates
+    are guarded. `TokenMergingConfig.max_protect_relevant` bounds k so that r tokens can always merge.
+    """
+    rel = relevance[:, protected:].float()  # (B, N - protected)
+    candidate = (rel > rel.mean(dim=1, keepdim=True)) & (rel.amax(dim=1, keepdim=True) > rel.amin(dim=1, keepdim=True))
+    rank = rel.masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True).argsort(dim=1)  # 0 = top
+    guard = torch.zeros_like(relevance, dtype=torch.bool)
+    guard[:, protected:] = candidate & (rank < k)
+    return guard[:, a_start::2], guard[:, b_start::2]
+
+
 def bipartite_soft_matching(
-    metric: Tensor, r: int, protected: int, unmerged_order: str = "tome"
+    metric: Tensor, r: int, protected: int, unmerged_order: str = "tome",
+    relevance: Tensor | None = None, protect_relevant: int = 0,
 ) -> tuple[Callable[[Tensor, str], Tensor], Callable[[Tensor], Tensor]]:
     """Match r tokens of set A into set B by cosine similarity of `metric` (B, N, D).
 
@@ -200,6 +256,8 @@ def bipartite_soft_matching(
     "mean", and `unmerge(y)` mapping merged tokens back to (B, N, C). Unmerged A tokens are in position
     order when `unmerged_order="spatial"` or any token is protected, else in descending score order
     (`"tome"`, the official code's order; see `TokenMergingConfig.unmerged_order`).
+    Text-guided merging (`relevance` (B, N) and `protect_relevant` > 0): the tokens `relevant_guard`
+    picks get -inf match scores as A rows and as B columns, so they neither merge nor absorb a token.
     """
     B, N, _ = metric.shape
     if not _is_int(protected) or not 0 <= protected <= N:
@@ -214,6 +272,12 @@ def bipartite_soft_matching(
     with torch.no_grad():
         metric = F.normalize(metric, dim=-1)  # cosine similarity (zero keys give zeros, not NaN)
         scores = metric[:, a_start::2] @ metric[:, b_start::2].transpose(1, 2)  # (B, Na, Nb)
+        if relevance is not None and protect_relevant > 0 and r > 0:
+            guard_a, guard_b = relevant_guard(relevance, protected, protect_relevant, a_start, b_start)
+            if int(guard_a.sum(1).max()) > guard_a.shape[1] - r or int(guard_b.sum(1).max()) > guard_b.shape[1] - 1:
+                raise ValueError(f"text-guided merging: protect_relevant={protect_relevant} leaves fewer than r={r} "
+                                 f"mergeable tokens among {N} (a hook shrank the sequence?)")
+            scores = scores.masked_fill(guard_a[:, :, None] | guard_b[:, None, :], float("-inf"))
         best, partner = scores.max(dim=-1)  # (B, Na)
         order = best.argsort(dim=-1, descending=True)
         src_idx = order[:, :r, None]  # (B, r, 1) merged A tokens
@@ -249,14 +313,17 @@ def bipartite_soft_matching(
 
 def merge_tokens(
     x: Tensor, metric: Tensor, r: int, state: MergeState, mode: str = "size_weighted", protected: int = 1,
-    unmerged_order: str = "tome",
+    unmerged_order: str = "tome", protect_relevant: int = 0,
 ) -> tuple[Tensor, MergeState]:
-    """Merge r tokens of x (B, N, C) -> (B, N - r', C), r' = min(r, (N - protected) // 2)."""
+    """Merge r tokens of x (B, N, C) -> (B, N - r', C), r' = min(r, (N - protected) // 2).
+
+    With `state.relevance` and `protect_relevant` > 0 the matching is text-guided; a merged token's
+    relevance is the largest of its parts."""
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
     if metric.shape[:2] != x.shape[:2]:
         raise ValueError(f"metric {tuple(metric.shape)} and x {tuple(x.shape)} disagree on (B, N)")
-    merge, _ = bipartite_soft_matching(metric, r, protected, unmerged_order)
+    merge, _ = bipartite_soft_matching(metric, r, protected, unmerged_order, state.relevance, protect_relevant)
     sizes = state.sizes if state.sizes is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
     if mode == "size_weighted":
         x = merge(x * sizes.to(x.dtype), "sum")
@@ -266,7 +333,16 @@ def merge_tokens(
         x = merge(x, "mean")
         sizes = merge(sizes, "sum")
     sources = merge(state.sources, "sum") if state.sources is not None else None
-    return x, MergeState(sizes=sizes, sources=sources)
+    relevance = merge(state.relevance[..., None], "amax")[..., 0] if state.relevance is not None else None
+    return x, MergeState(sizes=sizes, sources=sources, relevance=relevance)
+
+
+def text_relevance(tokens: Tensor, text_embeds: Tensor) -> Tensor:
+    """Parameter-free relevance for text-guided merging: cosine of each token (B, N, C) with its text (B, C)."""
+    if text_embeds.shape != (tokens.shape[0], tokens.shape[-1]):
+        raise ValueError(f"text_embeds must be (B, C) = {(tokens.shape[0], tokens.shape[-1])} (the tokens' width), "
+                         f"got shape {tuple(text_embeds.shape)}")
+    return F.cosine_similarity(tokens.float(), text_embeds.float()[:, None, :], dim=-1)  # (B, N)
 
 
 def padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -462,10 +538,11 @@ def _block(
     sizes: Tensor,
     sources: Tensor | None,
     attn_bias: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    relevance: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """One layer: attention -> hooks.after_attention -> merge r -> MLP -> hooks.after_block (tensors in and out,
     so the whole block can run under activation checkpointing)."""
-    state = MergeState(sizes=sizes, sources=sources)
+    state = MergeState(sizes=sizes, sources=sources, relevance=relevance)
     bias = attn_bias if hidden.shape[1] == n_in else None
     if hidden.shape[1] < n_in:
         prop = state.attention_bias(merging.use_prop_attn)
@@ -481,11 +558,17 @@ def _block(
                 f"layer {layer_idx}: a hook changed the token count after attention ({keys.shape[1]} -> "
                 f"{hidden.shape[1]}); change it in after_block instead"
             )
-        hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected, merging.unmerged_order)
+        hidden, state = merge_tokens(hidden, keys, r, state, merging.mode, merging.protected, merging.unmerged_order,
+                                     merging.protect_relevant)
     hidden = adapter.mlp(layer, hidden)
     for hook in hooks:
         hidden, state = hook.after_block(layer_idx, hidden, state)
-    return hidden, state.sizes, state.sources, weights
+    if relevance is not None and (state.relevance is None or state.relevance.shape[1] != hidden.shape[1]):
+        raise ValueError(
+            f"layer {layer_idx}: a hook changed the token count to {hidden.shape[1]} without carrying "
+            "MergeState.relevance along; text-guided merging (protect_relevant) cannot follow it"
+        )
+    return hidden, state.sizes, state.sources, weights, state.relevance
 
 
 def run_token_merging(
@@ -498,8 +581,11 @@ def run_token_merging(
     track_sources: bool = False,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
+    relevance: Tensor | None = None,
 ) -> TokenMergingOutput:
     """The block loop: per layer, attention -> hooks.after_attention -> merge r_i -> MLP -> hooks.after_block.
+
+    `relevance` (B, N) steers the matching when `merging.protect_relevant` > 0 (text-guided merging).
 
     `attn_bias` (additive, broadcastable to (B, h, N, N), e.g. `padding_bias(mask)`) is used while
     the token count is unchanged and dropped once it changes (merged tokens are all real tokens).
@@ -511,20 +597,27 @@ def run_token_merging(
     schedule = merging.schedule(len(layers))
     if merging.protected > n_in:
         raise ValueError(f"TokenMergingConfig.protected={merging.protected} exceeds the {n_in} input tokens")
+    if relevance is not None and merging.protect_relevant > 0:
+        merging.check_protect_relevant(n_in, len(layers))
     sources = None
     if track_sources:
         sources = torch.eye(n_in, device=hidden.device, dtype=torch.float32).expand(B, n_in, n_in)
     sizes = hidden.new_ones(B, n_in, 1, dtype=torch.float32)
+    if relevance is not None:
+        if relevance.shape != (B, n_in):
+            raise ValueError(f"relevance must be (B, N) = {(B, n_in)} (one score per input token), got "
+                             f"shape {tuple(relevance.shape)}")
+        relevance = relevance.detach().float()
     counts: list[int] = []
     all_hidden = [hidden] if output_hidden_states else None
     all_attentions: list[Tensor] | None = [] if output_attentions else None
     for i, (layer, r) in enumerate(zip(layers, schedule)):
         block = partial(_block, layer, adapter, merging, i, r, hooks, n_in)
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            hidden, sizes, sources, weights = layer._gradient_checkpointing_func(block, hidden, sizes, sources,
-                                                                                 attn_bias)
+            hidden, sizes, sources, weights, relevance = layer._gradient_checkpointing_func(
+                block, hidden, sizes, sources, attn_bias, relevance)
         else:
-            hidden, sizes, sources, weights = block(hidden, sizes, sources, attn_bias)
+            hidden, sizes, sources, weights, relevance = block(hidden, sizes, sources, attn_bias, relevance)
         counts.append(hidden.shape[1])
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -586,6 +679,7 @@ class TokenMergingEncoder(nn.Module):
         track_sources: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        relevance: Tensor | None = None,
     ) -> TokenMergingOutput:
         return run_token_merging(
             self.layers,
@@ -597,6 +691,7 @@ class TokenMergingEncoder(nn.Module):
             track_sources=track_sources,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            relevance=relevance,
         )
 
     def token_counts(self, num_tokens: int) -> list[int]:

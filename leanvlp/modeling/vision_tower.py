@@ -24,6 +24,7 @@ from .token_merging import (
     check_attention_backend,
     run_token_merging,
     self_attention,
+    text_relevance,
 )
 
 __all__ = [
@@ -212,9 +213,15 @@ class TokenMergingVisionTower(nn.Module):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        relevance: Tensor | None = None,
+        text_embeds: Tensor | None = None,
     ) -> TokenMergingOutput:
         """hidden_states: the embeddings, then each layer's output (before the final norm, as transformers'
-        towers); attentions (eager only): each layer's probabilities over its own, shrinking, token count."""
+        towers); attentions (eager only): each layer's probabilities over its own, shrinking, token count.
+
+        Text-guided merging (`merging.protect_relevant` > 0) reads `relevance` (B, N), one score per input
+        token (e.g. a patch detector's), or computes it from `text_embeds` (B, C) in the tower's width as
+        the cosine with each embedded token; with neither, merging is plain ToMe (the captioning fallback)."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():  # raw 0-255 bytes would run, silently wrong
@@ -227,6 +234,10 @@ class TokenMergingVisionTower(nn.Module):
         model, family = self.vision_model, self._family
         pixel_values = pixel_values.to(model.dtype)
         hidden = family.embed(model, pixel_values, interpolate_pos_encoding)  # (B, N, C)
+        if text_embeds is not None:
+            if relevance is not None:
+                raise ValueError("TokenMergingVisionTower: give relevance or text_embeds, not both")
+            relevance = text_relevance(hidden, text_embeds)  # (B, N)
         out = run_token_merging(
             self.layers,
             family.adapter,
@@ -236,6 +247,7 @@ class TokenMergingVisionTower(nn.Module):
             track_sources=track_sources,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            relevance=relevance,
         )
         out.last_hidden_state = family.final_norm(model, out.last_hidden_state)
         return out
