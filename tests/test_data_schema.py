@@ -1,6 +1,7 @@
 """The row schema: the validator accepts good rows, rejects each kind of bad row naming the field; RGB conversion."""
 
 import io
+import re
 
 import numpy as np
 import PIL.Image
@@ -8,6 +9,7 @@ import pytest
 from datasets import Dataset
 
 from leanvlp.data import FEATURES, to_rgb, validate_row
+from leanvlp.data.schema import clip_row_boxes
 
 
 def good_row() -> dict:
@@ -64,6 +66,13 @@ BAD_ROWS = [
     ("answers[0]", "list of str", {"answers": [[1, 2]]}),
     ("questions[0]", "empty", {"questions": [""]}),
     ("row", "unknown fields", {"caption": "a"}),
+    ("boxes[1]", "outside the 40x30 image by 0.625 px (tolerance 0.5 px)",
+     {"boxes": [[0.0, 0.0, 10.0, 10.0], [30.0, 20.0, 10.625, 10.0]]}),
+    ("captions[0]", r"lone surrogate '\ud800' at character 6", {"captions": ["a red \ud800 circle"]}),
+    ("questions[0]", "lone surrogate", {"questions": ["what \udfff?"]}),
+    ("answers[0][9]", "lone surrogate", {"answers": [["red"] * 9 + ["\ud800"]]}),
+    ("box_labels[1]", "lone surrogate", {"box_labels": ["circle", "squ\udc80re"]}),
+    ("box_attributes[0][1]", "lone surrogate", {"box_attributes": [["red", "\ud83d"], ["blue"]]}),
 ]
 
 
@@ -73,8 +82,24 @@ def test_bad_rows_are_rejected_naming_field_sample_and_reason(field, why, change
     with pytest.raises(ValueError) as info:
         validate_row(row, index=5)
     message = str(info.value)
-    assert message.startswith(field + ":"), message
-    assert why in message and "index 5" in message
+    # the shared style: <Component>: <field> <what is wrong> (sample <id>, value <v>)
+    assert message.startswith(f"validate_row: {field} "), message
+    assert why in message and re.search(r"\(sample .* at index 5, value .*\)$", message), message
+
+
+def test_surrogate_message_shows_the_value_escaped():
+    with pytest.raises(ValueError) as info:
+        validate_row({**good_row(), "captions": ["ok", "a red \ud800 circle"]}, index=2)
+    assert str(info.value) == ("validate_row: captions[1] contains a lone surrogate '\\ud800' at character 6 "
+                               "(sample 'img-1' at index 2, value 'a red \\ud800 circle')")
+    str(info.value).encode("utf-8")  # the message itself is printable
+
+
+def test_boxes_within_the_tolerance_pass_and_clip_like_the_processor():
+    """Same worked numbers as tests/test_boxes.py: 40x30 image, boxes 0.25 / 0.375 px out."""
+    row = {**good_row(), "boxes": [[-0.25, 10.0, 20.0, 20.375], [30.0, 20.0, 10.0, 10.0]]}
+    validate_row(row)
+    assert clip_row_boxes(row, 30, 40) == [[0.0, 10.0, 19.75, 20.0], [30.0, 20.0, 10.0, 10.0]]
 
 
 def test_bad_image_type_is_a_type_error():
