@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 
 from leanvlp.data import FEATURES, to_rgb, validate_row
-from leanvlp.data.schema import clip_row_boxes
+from leanvlp.data.schema import check_utf8, clip_row_boxes
 
 
 def good_row() -> dict:
@@ -134,3 +134,23 @@ def test_schema_decodes_grayscale_rgba_and_palette_images_as_rgb():
     decoded = [row["image"] for row in dataset]
     assert [im.mode for im in decoded] == ["RGB"] * 3
     assert [im.getpixel((0, 0)) for im in decoded] == [(9, 9, 9), (1, 2, 3), (5, 6, 7)]
+
+
+@pytest.mark.parametrize("data,line,offset,byte", [
+    (b"ok\nfine\nbad \xff here\n", 3, 12, "0xff"),
+    (b"a\n" * 2**19 + b"x" * 5 + b"\xc3(", 2**19 + 1, 2**20 + 5, "0xc3"),  # in the second 1 MiB read chunk
+    (b"a\n" * (2**19 - 1) + b"x\xc3(", 2**19, 2**20 - 1, "0xc3"),  # the bad pair split over the two chunks
+    (b"\n" + b"y" * (2**20 - 2) + b"\xe2\x82", 2, 2**20 - 1, None),  # ends inside a 3-byte character
+])
+def test_check_utf8_names_the_file_the_line_and_the_byte(tmp_path, data, line, offset, byte):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        check_utf8(path, "load_hf_dataset", "source")
+    head = f"load_hf_dataset: source {str(path)!r} is not valid UTF-8: "
+    if byte is None:
+        assert str(info.value) == head + f"it ends inside a multi-byte character (line {line}); re-save it as UTF-8"
+    else:
+        assert str(info.value) == head + f"byte {byte} at line {line} (byte offset {offset}); re-save it as UTF-8"
+    path.write_bytes("caf\u00e9 \u20ac\n".encode() * 3)
+    check_utf8(path, "load_hf_dataset", "source")  # valid UTF-8 passes

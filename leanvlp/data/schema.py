@@ -132,9 +132,9 @@ def check_utf8(path: str | Path, component: str, field: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                # err.start counts from the decoder's buffered tail (< 4 bytes) plus this chunk
-                start = max(err.start - (len(err.object) - len(chunk)), 0)
-                line += chunk.count(b"\n", 0, start)
+                # err.start counts from the decoder's buffered tail (< 4 bytes of the last chunk, no newline)
+                start = err.start - (len(err.object) - len(chunk))  # in this chunk; negative: in the tail
+                line += chunk.count(b"\n", 0, max(start, 0))
                 raise ValueError(error_message(
                     component, field, f"{str(path)!r} is not valid UTF-8: byte 0x{err.object[err.start]:02x} at line "
                     f"{line} (byte offset {offset + start}); re-save it as UTF-8")) from None
