@@ -7,6 +7,8 @@ from transformers import CLIPImageProcessorPil, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from leanvlp.processing.boxes import (
+    BOX_TOLERANCE,
+    clip_box,
     geometry_from_image_processor,
     is_text_relevant,
     names_to_ids,
@@ -82,11 +84,31 @@ def test_box_cropped_away_gets_no_patches():
 
 @pytest.mark.parametrize(
     "box,match",
-    [([10, 10, 0, 5], "zero or negative area"), ([90, 10, 20, 5], "outside"), ([-1, 0, 5, 5], "outside")],
+    [([10, 10, 0, 5], "has zero or negative area"), ([90, 10, 20, 5], "lies outside the 100x100 image by 10 px"),
+     ([-1, 0, 5, 5], "lies outside the 100x100 image by 1 px"), ([0, 0, float("inf"), 5], "is not 4 finite")],
 )
 def test_bad_boxes_raise_naming_the_box(box, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=r"^boxes\[0\] " + match) as info:
         validate_boxes([box], 100, 100)
+    assert str(info.value).endswith(f"(value {[float(v) for v in box]}, xywh)")
+
+
+# The worked numbers of the one box rule (the same in tests/test_data_schema.py, test_data_coco.py, test_bad_input.py)
+WITHIN = [-0.25, 10.0, 20.0, 54.375]  # 0.25 px out on the left, 0.375 px out at the bottom of a 64x64 image
+WITHIN_CLIPPED = [0.0, 10.0, 19.75, 54.0]
+BEYOND = [50.0, 10.0, 14.625, 5.0]  # 0.625 px out on the right
+
+
+def test_one_box_rule_clips_within_the_tolerance_and_rejects_beyond():
+    assert BOX_TOLERANCE == 0.5
+    assert clip_box(WITHIN, 64, 64) == WITHIN_CLIPPED
+    assert validate_boxes([WITHIN, [1.0, 2.0, 3.0, 4.0]], 64, 64).tolist() == [WITHIN_CLIPPED, [1.0, 2.0, 3.0, 4.0]]
+    assert clip_box([0.1, 0.2, 63.9, 63.8], 64, 64) == [0.1, 0.2, 63.9, 63.8]  # inside: exactly unchanged
+    assert clip_box([0.0, 0.0, 64.5, 64.0], 64, 64) == [0.0, 0.0, 64.0, 64.0]  # exactly at the tolerance
+    with pytest.raises(ValueError, match=r"^lies outside the 64x64 image by 0.625 px \(tolerance 0.5 px\)$"):
+        clip_box(BEYOND, 64, 64)
+    with pytest.raises(ValueError, match="no area inside"):
+        clip_box([64.25, 3.0, 0.25, 2.0], 64, 64)  # within the tolerance but entirely outside
 
 
 def test_text_relevance_whole_words_and_synonyms():

@@ -122,16 +122,49 @@ def test_missing_key_names_the_file_and_the_key(coco):
         load_coco_folder(root, split=SPLIT)
 
 
-@pytest.mark.parametrize("bbox,why", [([50.0, 10.0, 20.0, 5.0], "outside the 64x64 image"),
-                                      ([-4.0, 10.0, 8.0, 8.0], "outside the 64x64 image"),
-                                      ([10.0, 10.0, 0.0, 8.0], "zero or negative area")])
+@pytest.mark.parametrize("bbox,why", [([50.0, 10.0, 14.625, 5.0], "lies outside the 64x64 image by 0.625 px "
+                                                                  "(tolerance 0.5 px)"),
+                                      ([-4.0, 10.0, 8.0, 8.0], "lies outside the 64x64 image by 4 px (tolerance 0.5 px)"),
+                                      ([10.0, 10.0, 0.0, 8.0], "has zero or negative area")])
 def test_bad_box_names_the_box_and_the_image(coco, bbox, why):
     root, info = coco
     edit_json(info["files"][f"instances_{SPLIT}.json"], lambda d: d["annotations"][0].update(bbox=bbox))
     with pytest.raises(ValueError) as err:
         load_coco_folder(root, split=SPLIT)
-    message = str(err.value)
-    assert message.startswith("boxes[0]") and why in message and f"image id {info['ids'][0]}" in message
+    image_id = info["ids"][0]
+    assert str(err.value) == (f"load_coco_folder: boxes[0] {why} (sample '{image_id}', value {bbox}) "
+                              f"[image file {root / SPLIT / f'{int(image_id):012d}.png'}]")
+
+
+def test_box_within_the_tolerance_is_clipped(coco, source):
+    """The worked numbers of tests/test_boxes.py: 0.25 px out left, 0.375 px out at the bottom of 64x64."""
+    root, info = coco
+    edit_json(info["files"][f"instances_{SPLIT}.json"],
+              lambda d: d["annotations"][0].update(bbox=[-0.25, 10.0, 20.0, 54.375]))
+    loaded = load_coco_folder(root, split=SPLIT)
+    assert loaded[0]["boxes"][0] == [0.0, 10.0, 19.75, 54.0]
+    assert loaded["boxes"][1:] == source["boxes"][1:]  # boxes inside the image stay exactly as they were
+
+
+def test_non_utf8_annotations_file_names_the_file_and_the_line(coco):
+    root, info = coco
+    path = info["files"][f"captions_{SPLIT}.json"]
+    text = json.dumps(json.loads(path.read_text()), indent=1).encode()
+    line = text[: text.index(b'"caption"')].count(b"\n") + 1
+    path.write_bytes(text.replace(b'"caption": "', b'"caption": "\xff', 1))
+    with pytest.raises(ValueError) as err:
+        load_coco_folder(root, split=SPLIT)
+    assert str(err.value).startswith(f"load_coco_folder: annotations file {str(path)!r} is not valid UTF-8: byte 0xff "
+                                     f"at line {line} (byte offset ")
+
+
+def test_lone_surrogate_in_a_caption_names_the_field_and_the_image(coco):
+    root, info = coco
+    path = info["files"][f"captions_{SPLIT}.json"]
+    path.write_text(path.read_text().replace('"caption": "', '"caption": "\\ud800', 1))  # a JSON escape, valid UTF-8
+    with pytest.raises(ValueError, match=rf"^load_coco_folder: captions\[0\] contains a lone surrogate '\\ud800' "
+                                         rf"at character 0 \(sample '{info['ids'][0]}', value '\\ud800"):
+        load_coco_folder(root, split=SPLIT)
 
 
 def test_unknown_category_names_the_id_and_the_annotation(coco):
@@ -193,7 +226,7 @@ def test_image_without_caption_and_question_without_answer(coco):
     root, info = coco
     edit_json(info["files"][f"captions_{SPLIT}.json"],
               lambda d: d.update(annotations=[a for a in d["annotations"] if str(a["image_id"]) != info["ids"][2]]))
-    with pytest.raises(ValueError, match=f"captions: missing.*image id {info['ids'][2]}"):
+    with pytest.raises(ValueError, match=f"captions is missing.*sample '{info['ids'][2]}'"):
         load_coco_folder(root, split=SPLIT)
     edit_json(info["files"][f"v2_mscoco_{SPLIT}_annotations.json"], lambda d: d["annotations"].pop(0))
     with pytest.raises(ValueError, match="answers: question id 1 .* has no annotation"):

@@ -95,14 +95,15 @@ def test_missing_column_names_it_and_lists_the_columns(foreign):
 def test_bad_rows_fail_validation_naming_the_field(foreign):
     bad = foreign.map(lambda row: {"bbox": [[1.0, 2.0, 30.0, 4.0]] if row["uid"] == 42 else row["bbox"],
                                    "cats": [0] if row["uid"] == 42 else row["cats"]})
-    with pytest.raises(ValueError, match=r"boxes\[0\]: lies outside the 8x8 image \(sample '42' at index 1"):
+    with pytest.raises(ValueError, match=r"^load_hf_dataset: boxes\[0\] lies outside the 8x8 image by 23 px "
+                                         r"\(tolerance 0.5 px\) \(sample '42' at index 1, value \[1.0, 2.0, 30.0, 4.0\]\)$"):
         load_hf_dataset(bad, image_column="img", caption_column="text", image_id="uid", boxes="bbox",
                         box_labels="cats", questions="question")
     empty = foreign.map(lambda row: {"text": ""})
-    with pytest.raises(ValueError, match=r"captions\[0\]: is empty"):
+    with pytest.raises(ValueError, match=r"^load_hf_dataset: captions\[0\] is empty"):
         load_hf_dataset(empty, image_column="img", caption_column="text", questions="question")
     # "answers" is taken by its own name; without questions mapped the counts disagree, and that is named.
-    with pytest.raises(ValueError, match=r"answers: has 3 answer lists for 0 questions \(sample '0' at index 0"):
+    with pytest.raises(ValueError, match=r"answers has 3 answer lists for 0 questions \(sample '0' at index 0"):
         load_hf_dataset(foreign, image_column="img", caption_column="text")
 
 
@@ -163,3 +164,48 @@ def test_an_empty_saved_dataset_is_refused_naming_the_folder(tmp_path, as_dict):
     (DatasetDict(train=empty) if as_dict else empty).save_to_disk(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"load_hf_dataset: source .*empty.* is an empty dataset \(0 rows"):
         load_hf_dataset(tmp_path / "empty")
+
+
+def test_box_within_the_tolerance_is_clipped_like_the_processor(foreign):
+    """The worked numbers of tests/test_boxes.py, on the 20x10 image: 0.25 px out left, 0.375 px out at the bottom."""
+    near = foreign.map(lambda row: {"bbox": [[-0.25, 2.0, 5.0, 8.375]] if row["uid"] == 41 else row["bbox"],
+                                    "cats": [0] if row["uid"] == 41 else row["cats"]})
+    for streaming in (False, True):
+        source = near.to_iterable_dataset() if streaming else near
+        mapped = load_hf_dataset(source, image_column="img", caption_column="text", image_id="uid", boxes="bbox",
+                                 box_labels="cats", questions="question")
+        assert [row["boxes"] for row in mapped] == [[[0.0, 2.0, 4.75, 8.0]], []]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_non_utf8_jsonl_names_the_file_and_the_line(tmp_path, streaming):
+    path = tmp_path / "im.png"
+    PIL.Image.new("RGB", (4, 4)).save(path)
+    good = json.dumps({"file": str(path), "caption": "fine"}).encode()
+    bad = json.dumps({"file": str(path), "caption": "caf_"}).encode().replace(b"caf_", b"caf\xe9")  # Latin-1 e-acute
+    (tmp_path / "data.jsonl").write_bytes(b"\n".join([good, good, bad, good]))
+    with pytest.raises(ValueError) as err:
+        list(load_hf_dataset(tmp_path / "data.jsonl", image_column="file", streaming=streaming))
+    offset = 2 * (len(good) + 1) + bad.index(b"\xe9")
+    assert str(err.value) == (f"load_hf_dataset: source {str(tmp_path / 'data.jsonl')!r} is not valid UTF-8: byte 0xe9 "
+                              f"at line 3 (byte offset {offset}); re-save it as UTF-8")
+    (tmp_path / "data.jsonl").unlink()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "metadata.jsonl").write_bytes(bad)  # a data folder: its text files are checked too
+    with pytest.raises(ValueError, match=r"source '.*metadata.jsonl' is not valid UTF-8: byte 0xe9 at line 1 "):
+        load_hf_dataset(tmp_path / "folder", image_column="file", streaming=streaming)
+
+
+def test_lone_surrogate_names_the_field_the_sample_and_the_value():
+    """Arrow cannot hold one, but a Python-side stream can: the validator names it before the tokenizer sees it."""
+    image = {"bytes": png(PIL.Image.new("RGB", (4, 4))), "path": None}
+
+    def rows():
+        yield {"image": image, "caption": "a blue square", "uid": "s0"}
+        yield {"image": image, "caption": "a red \ud800 circle", "uid": "s1"}
+
+    stream = IterableDataset.from_generator(rows)
+    with pytest.raises(ValueError) as err:
+        list(load_hf_dataset(stream, caption_column="caption", image_id="uid"))
+    assert str(err.value) == ("load_hf_dataset: captions[0] contains a lone surrogate '\\ud800' at character 6 "
+                              "(sample 's1' at index 1, value 'a red \\ud800 circle')")

@@ -13,7 +13,9 @@ The optional files are used when given or when they exist at their default place
 the order of ``images`` in the captions file. Two extensions of the instances format are read
 when present: ``"attributes"`` (list of str) and ``"feature"`` (list of float) on an annotation
 fill ``box_attributes`` and ``box_features``. Questions about images missing from the captions
-file are ignored. Images are stored as paths and decoded lazily to RGB.
+file are ignored. Images are stored as paths and decoded lazily to RGB. Boxes follow the one box
+rule (``leanvlp.processing.boxes.clip_box``): up to ``BOX_TOLERANCE`` pixels outside the image they
+are clipped to it, further out they are an error naming the image id, the box and its value.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import PIL.Image
 from datasets import Dataset
 
-from .schema import FEATURES, validate_row
+from .schema import FEATURES, check_utf8, clip_row_boxes, validate_row
 
 __all__ = ["load_coco_folder"]
 
@@ -52,6 +54,9 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
+    except UnicodeDecodeError:
+        check_utf8(path, "load_coco_folder", "annotations file")  # raises, naming the file and the line
+        raise
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON: {err}") from err
     if not isinstance(data, dict):
@@ -201,8 +206,10 @@ def _build_row(raw_id: Any, image_id: str, path: Path, entry: dict, captions: di
         "questions": [q for q, _ in pairs],
         "answers": [a for _, a in pairs],
     }
+    stand_in = {**row, "image": PIL.Image.new("1", size)}  # a blank stand-in of the real size
     try:
-        validate_row({**row, "image": PIL.Image.new("1", size)})  # a blank stand-in of the real size
+        row["boxes"] = stand_in["boxes"] = clip_row_boxes(stand_in, size[1], size[0], component="load_coco_folder")
+        validate_row(stand_in, component="load_coco_folder")
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{err} [image id {image_id}, {path}]") from err
+        raise ValueError(f"{err} [image file {path}]") from err
     return row

@@ -5,8 +5,11 @@ keyword arguments named after schema fields give the source column of that field
 own name is a source column is taken as is, so a dataset already in the schema needs no mapping.
 Conversions: a single caption / question string becomes a one-item list; VQAv2-style answer
 dicts (``{"answer": ...}``) become their strings; ``ClassLabel`` box labels become their names;
-a missing ``image_id`` becomes ``"{index}"``. Images are never re-encoded: the image column is
-read undecoded and decodes lazily to RGB.
+a missing ``image_id`` becomes ``"{index}"``; boxes up to ``BOX_TOLERANCE`` pixels outside the image
+are clipped to it (``leanvlp.processing.boxes.clip_box``, the processors' rule), boxes further out
+are an error. Images are never re-encoded: the image column is read undecoded and decodes lazily to
+RGB. Local JSON / JSONL / CSV files are checked to be UTF-8 first, so a bad byte names its file and
+line (not a bare UnicodeDecodeError from the reader).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import PIL.Image
 from datasets import (ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, IterableDatasetDict,
                       List, Sequence, load_dataset, load_from_disk)
 
-from .schema import FEATURES, validate_row
+from .schema import FEATURES, check_utf8, clip_row_boxes, error_message, image_size, validate_row
 
 __all__ = ["load_hf_dataset", "to_schema"]
 
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
 
 
 def _pick_split(data: Any, split: str) -> Any:
@@ -48,8 +52,13 @@ def _open(source: Any, split: str, streaming: bool) -> Dataset | IterableDataset
             if path.suffix not in _FILE_BUILDERS:
                 raise ValueError(f"source: unsupported file type {path.suffix!r} ({path}); "
                                  f"supported: {sorted(_FILE_BUILDERS)}")
+            if path.suffix in _TEXT_SUFFIXES:
+                check_utf8(path, "load_hf_dataset", "source")
             data = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train", streaming=streaming)
-        else:  # a data folder (imagefolder, parquet files ...) or a hub id
+        else:  # a data folder (imagefolder, parquet files, metadata.jsonl ...) or a hub id
+            if path.is_dir():
+                for text_file in sorted(p for p in path.rglob("*") if p.suffix in _TEXT_SUFFIXES and p.is_file()):
+                    check_utf8(text_file, "load_hf_dataset", "source")
             data = load_dataset(str(source), split=split, streaming=streaming)
     else:
         raise TypeError(f"source: expected a path, a hub id or a datasets object, got {type(source).__name__}")
@@ -131,7 +140,14 @@ def _convert(example: dict[str, Any], index: int, mapping: dict[str, str], names
         "answers": [[a["answer"] if isinstance(a, dict) else a for a in _as_list(per_q)] for per_q in answers],
     }
     if validate:
-        validate_row(row, index)
+        validate_row(row, index, component="load_hf_dataset")
+    if row["boxes"]:
+        try:
+            width, height = image_size(row["image"])
+        except (OSError, PIL.UnidentifiedImageError) as err:
+            raise ValueError(error_message("load_hf_dataset", "image", f"cannot be read ({err})", where,
+                                           row["image"])) from err
+        row["boxes"] = clip_row_boxes(row, height, width, index, component="load_hf_dataset")
     return row
 
 

@@ -11,20 +11,29 @@ Conventions
 - A box marks a patch when their intersection has positive area and covers at least
   `min_fraction` of the patch (default 0.0: any positive-area overlap). So at 224 px / 16 px
   patches a box over [0,32)x[0,32) marks exactly patches (0,0), (0,1), (1,0), (1,1).
+- One box rule for loaders and processors (`clip_box`): a box may stick out of the image by at most
+  `BOX_TOLERANCE` pixels (float rounding in annotations) and is then clipped to it; a box further
+  out, or without positive area, is an error. Worked numbers: in a 64x64 image [-0.25, 10, 20,
+  54.375] becomes [0, 10, 19.75, 54]; [50, 10, 14.625, 5] sticks out 0.625 px and is rejected.
 - A box is text-relevant when its category name, or one of its configured synonyms, occurs in
   the caption as a whole word (case-insensitive; multi-word names allowed).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+BOX_TOLERANCE = 0.5  # pixels a box may stick out of the image (float rounding in annotations); clipped away
+
 __all__ = [
+    "BOX_TOLERANCE",
     "Geometry",
+    "clip_box",
     "geometry_from_image_processor",
     "validate_boxes",
     "transform_boxes",
@@ -103,19 +112,39 @@ def geometry_from_image_processor(image_processor: Any, height: int, width: int)
     return Geometry(height, width, scale_y, scale_x, top, left, out_h, out_w)
 
 
+def clip_box(box: Sequence[float], height: float, width: float) -> list[float]:
+    """The one box rule: an xywh box within `BOX_TOLERANCE` px of the image is clipped to it, else ValueError.
+
+    The error text says only what is wrong (callers add the field and sample). Sides that lie inside
+    keep their exact value, so a box inside the image comes back unchanged.
+    """
+    x, y, w, h = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError("is not 4 finite numbers [x, y, w, h]")
+    if w <= 0 or h <= 0:
+        raise ValueError("has zero or negative area")
+    out = max(-x, -y, x + w - width, y + h - height)
+    if out > BOX_TOLERANCE:
+        raise ValueError(f"lies outside the {width:g}x{height:g} image by {out:g} px (tolerance {BOX_TOLERANCE:g} px)")
+    if out <= 0:
+        return [x, y, w, h]
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(x + w, width), min(y + h, height)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"lies outside the {width:g}x{height:g} image (no area inside it)")
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
 def validate_boxes(boxes_xywh: np.ndarray, height: int, width: int, field: str = "boxes") -> np.ndarray:
-    """(M, 4) float xywh inside the stored image with positive area, else a ValueError naming the box."""
+    """(M, 4) float xywh clipped to the stored image by `clip_box`; a ValueError names the box and its value."""
     boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4) if len(boxes_xywh) else np.zeros((0, 4))
-    for i, (x, y, w, h) in enumerate(boxes):
-        if not np.all(np.isfinite([x, y, w, h])):
-            raise ValueError(f"{field}[{i}] = {[x, y, w, h]} is not finite")
-        if w <= 0 or h <= 0:
-            raise ValueError(f"{field}[{i}] = {[x, y, w, h]} (xywh) has zero or negative area")
-        if x < 0 or y < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
-            raise ValueError(
-                f"{field}[{i}] = {[x, y, w, h]} (xywh) lies outside the image of width={width}, height={height}"
-            )
-    return boxes
+    out = np.empty_like(boxes)
+    for i, box in enumerate(boxes):
+        try:
+            out[i] = clip_box(box, height, width)
+        except ValueError as err:
+            raise ValueError(f"{field}[{i}] {err} (value {box.tolist()}, xywh)") from None
+    return out
 
 
 def transform_boxes(boxes_xywh: np.ndarray, geometry: Geometry) -> np.ndarray:
