@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 import torch
@@ -852,6 +853,16 @@ class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMi
             **{CACHE_NAME: cache},
         )
         return out if return_dict else out.to_tuple()
+
+    # GenerationMixin's inputs; pixel_values stay until the memory is known (an assistant model's first call counts
+    # as a continuation, where GenerationMixin drops them). `wraps` keeps GenerationMixin's signature, which generate()
+    # checks keywords against and which names the cache as the installed release does.
+    @wraps(GenerationMixin.prepare_inputs_for_generation)
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("encoder_hidden_states") is None and kwargs.get("pixel_values") is not None:
+            inputs["pixel_values"] = kwargs["pixel_values"]
+        return inputs
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any,
                                             **kwargs: Any) -> dict[str, Any]:
