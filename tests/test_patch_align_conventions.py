@@ -153,7 +153,7 @@ def test_attention_implementation_per_sub_config():
 # ----------------------------------------------------------------------------- embeddings, input names, ids
 
 
-@pytest.mark.parametrize("cls", [PatchAlignModel, PatchAlignForConditionalGeneration])
+@pytest.mark.parametrize("cls", [PatchAlignModel, PatchAlignForConditionalGeneration, PatchAlignForPreTraining])
 def test_resize_token_embeddings_grows_input_and_output_and_keeps_old_rows(cls):
     torch.manual_seed(0)
     model = cls(config()).eval()
@@ -171,6 +171,13 @@ def test_resize_token_embeddings_grows_input_and_output_and_keeps_old_rows(cls):
         ids[0, 2] = V + 5  # a new token id runs through encoder and decoder
         with torch.no_grad():
             assert model(input_ids=ids, pixel_values=px).logits.shape == (2, ids.shape[1], V + 7)
+    if cls is PatchAlignForPreTraining:  # both LM heads (captioning, MLM) follow; the new id is an LM target
+        assert model.lm_head.decoder.weight.shape == model.mlm_head.decoder.weight.shape == (V + 7, 32)
+        px, ids = inputs()
+        ids[:, 2:] = V + 5
+        out = model(px, ids)
+        assert torch.isfinite(out.loss) and torch.isfinite(out.loss_lm)
+    if cls is PatchAlignForConditionalGeneration:
         replacement = torch.nn.Embedding(V + 7, 32)
         model.set_input_embeddings(replacement)
         assert model.get_input_embeddings() is replacement

@@ -576,6 +576,18 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         )
         self.post_init()
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head.decoder = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers resizes the shared input embeddings and the captioning LM head; the MLM head follows."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.mlm_head.decoder = self._get_resized_lm_head(self.mlm_head.decoder, embeddings.num_embeddings)
+        return embeddings
+
     def _itc(self, image_feat: Tensor, text_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         all_text, offset = _gather_with_grad(text_feat)
         all_image, _ = _gather_with_grad(image_feat)
