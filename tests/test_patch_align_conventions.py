@@ -7,7 +7,7 @@ KV cache (greedy, beam, assisted, return_dict_in_generate), left padding, shift_
 
 import pytest
 import torch
-from transformers import GenerationMixin
+from transformers import EncoderDecoderCache, GenerationMixin
 
 from leanvlp.modeling.configuration_patch_align import PatchAlignConfig
 from leanvlp.modeling.modeling_patch_align import (
@@ -17,6 +17,7 @@ from leanvlp.modeling.modeling_patch_align import (
     PatchAlignForQuestionAnswering,
     PatchAlignModel,
 )
+from leanvlp.modeling.transformers_compat import CACHE_NAME
 
 V = 40  # vocabulary: 0 pad, 1 [CLS], 2 [SEP], 3 [MASK]
 VISION_LAYERS, TEXT_LAYERS, FUSION, DECODER = 3, 2, 2, 3  # decoder deeper than the text encoder on purpose
@@ -232,19 +233,41 @@ def test_generate_is_the_stock_one_and_cached_equals_uncached():
     with torch.no_grad():
         full = model(input_ids=cached, pixel_values=px).logits
         step = model(input_ids=cached[:, :4], pixel_values=px, use_cache=True)
-        assert type(step[_cache_name(step)]).__name__ == "EncoderDecoderCache"
+        assert isinstance(step[CACHE_NAME], EncoderDecoderCache)
         logits = [step.logits]
         for t in range(4, cached.shape[1]):
             step = model(input_ids=cached[:, t:t + 1], encoder_hidden_states=step.encoder_hidden_states,
-                         use_cache=True, **{_cache_name(step): step[_cache_name(step)]})
+                         use_cache=True, **{CACHE_NAME: step[CACHE_NAME]})
             logits.append(step.logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def _cache_name(out) -> str:
-    from leanvlp.modeling.transformers_compat import CACHE_NAME
+def test_generate_encodes_the_image_once_and_feeds_one_token_per_step_with_the_cache():
+    model = generator()
+    px, _ = inputs(B=2)
+    seen: dict[str, list[int]] = {"decoder_tokens": [], "image_batches": []}
+    model.patch_align.text_model.embeddings.register_forward_hook(
+        lambda _m, args, kwargs, _out: seen["decoder_tokens"].append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    model.patch_align.vision_tower.register_forward_hook(lambda _m, args, _out: seen["image_batches"].append(1))
+    for use_cache, tokens in ((True, [1, 1, 1, 1]), (False, [1, 2, 3, 4])):
+        seen["decoder_tokens"].clear(), seen["image_batches"].clear()
+        model.generate(pixel_values=px, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=use_cache)
+        assert seen == {"decoder_tokens": tokens, "image_batches": [1]}, (use_cache, seen)
 
-    return CACHE_NAME
+
+def test_attn_implementation_at_load_time(tmp_path):
+    model = generator()
+    model.save_pretrained(tmp_path)
+    loaded = PatchAlignForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation={"vision_config": "eager", "text_config": "eager"}).eval()
+    assert loaded.patch_align.vision_tower.backend == "eager"
+    assert loaded.patch_align.decoder_layers[0].crossattention.self.config._attn_implementation == "eager"
+    px, ids = inputs()
+    with torch.no_grad():
+        a = loaded(input_ids=ids, pixel_values=px, output_attentions=True)
+        b = model(input_ids=ids, pixel_values=px)
+    assert len(a.attentions) == DECODER and len(a.cross_attentions) == DECODER
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_beam_search_cached_equals_uncached_and_return_dict_in_generate():
