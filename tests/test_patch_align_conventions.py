@@ -229,6 +229,10 @@ def test_generate_is_the_stock_one_and_cached_equals_uncached():
     uncached = model.generate(pixel_values=px, max_new_tokens=8, do_sample=False, min_new_tokens=8, use_cache=False)
     assert cached.shape == (3, 9) and (cached[:, 0] == 1).all()
     assert torch.equal(cached, uncached)
+    # [SEP] is only the default end token: another one given to generate() stops the row there
+    stop = int(cached[0, 3])
+    ended = model.generate(pixel_values=px[:1], max_new_tokens=8, do_sample=False, eos_token_id=stop)
+    assert torch.equal(ended[0], cached[0, :int((cached[0, 1:] == stop).nonzero()[0]) + 2])
     # and step by step through forward with the cache equals one full forward
     with torch.no_grad():
         full = model(input_ids=cached, pixel_values=px).logits
