@@ -27,7 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModel, BertModel, DynamicCache, EncoderDecoderCache, GenerationMixin, PreTrainedModel, ViTModel
+from transformers import (
+    AutoModel,
+    BertModel,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationMixin,
+    PreTrainedModel,
+    ViTModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
@@ -812,7 +820,9 @@ class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMi
             return cache
         if cache is None or cache.get_seq_length() == 0:
             return EncoderDecoderCache(DynamicCache(), DynamicCache())
-        raise ValueError(f"PatchAlign's decoder cache must be an EncoderDecoderCache, got a filled {type(cache).__name__}")
+        raise ValueError(
+            f"PatchAlign's decoder cache must be an EncoderDecoderCache, got a filled {type(cache).__name__}"
+        )
 
     def forward(
         self,
