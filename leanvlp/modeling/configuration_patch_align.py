@@ -70,8 +70,12 @@ class PatchAlignConfig(PretrainedConfig):
         teacher_size (`int`, defaults to 0): size of the teacher region features.
         loss_weights (`dict`, *optional*): weights of `itc`, `itm`, `mlm`, `lm`, `pta` (1.0 each by default); the
             heads' weights come from `semantic_heads`.
-        cls_token_id / sep_token_id / mask_token_id (`int`, defaults to BERT's 101 / 102 / 103): the decoder's
-            start token, its end token, and the MLM mask token (the processor builder sets them from the tokenizer).
+        cls_token_id / sep_token_id / mask_token_id (`int`, *optional*): the decoder's start token, its end token,
+            and the MLM mask token (the processor builder sets them from the tokenizer). Unset, each comes from the
+            text config (its own `cls_token_id` / `sep_token_id` / `mask_token_id`, else `bos_token_id` /
+            `eos_token_id` for [CLS] / [SEP]), else BERT's 101 / 102 / 103 when the vocabulary holds them, else None
+            (the paths that need the token then say so). They also set the generation defaults: `bos_token_id` =
+            [CLS], `eos_token_id` = [SEP], `pad_token_id` = the text config's.
 
     Example:
 
@@ -112,9 +116,9 @@ class PatchAlignConfig(PretrainedConfig):
         attributes: list[str] | None = None,
         teacher_size: int = 0,
         loss_weights: dict | None = None,
-        cls_token_id: int = 101,
-        sep_token_id: int = 102,
-        mask_token_id: int = 103,
+        cls_token_id: int | None = None,
+        sep_token_id: int | None = None,
+        mask_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _sub_config(vision_config, DEFAULT_VISION, "vision_config")
@@ -142,13 +146,15 @@ class PatchAlignConfig(PretrainedConfig):
         self.object_classes = list(object_classes or [])
         self.attributes = list(attributes or [])
         self.teacher_size = teacher_size
-        for name, value in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
-                            ("mask_token_id", mask_token_id)):
-            if not isinstance(value, int) or not 0 <= value < self.text_config.vocab_size:
-                raise ValueError(
-                    f"PatchAlignConfig.{name} must be a token id in [0, {self.text_config.vocab_size}), got {value!r}"
-                )
-        self.cls_token_id, self.sep_token_id, self.mask_token_id = cls_token_id, sep_token_id, mask_token_id
+        self.cls_token_id = self._special_id("cls_token_id", cls_token_id, "bos_token_id", 101)
+        self.sep_token_id = self._special_id("sep_token_id", sep_token_id, "eos_token_id", 102)
+        self.mask_token_id = self._special_id("mask_token_id", mask_token_id, None, 103)
+        # generate()'s defaults (GenerationConfig.from_model_config reads these top-level ids first); derived, so a
+        # saved value is not read back
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.pop(name, None)
+        self.bos_token_id, self.eos_token_id = self.cls_token_id, self.sep_token_id
+        self.pad_token_id = self.text_config.pad_token_id
         self.patch_detector = self._detector(patch_detector)
         self.semantic_heads = self._heads(semantic_heads)
         unknown = set(loss_weights or {}) - set(LOSS_NAMES)
@@ -160,6 +166,20 @@ class PatchAlignConfig(PretrainedConfig):
                 self.semantic_heads[head]["weight"] = float(self.loss_weights[head])
             self.loss_weights[head] = self.semantic_heads[head]["weight"]
         super().__init__(**kwargs)
+
+    def _special_id(self, name: str, value: int | None, generic: str | None, bert_default: int) -> int | None:
+        """An explicit id, else the text config's (same name, then its generic bos / eos), else BERT's if it fits."""
+        vocab = self.text_config.vocab_size
+        if value is None:
+            for source in (name, generic):
+                value = getattr(self.text_config, source, None) if source else None
+                if value is not None:
+                    break
+            else:
+                value = bert_default if bert_default < vocab else None
+        if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
+            raise ValueError(f"PatchAlignConfig.{name} must be a token id in [0, {vocab}), got {value!r}")
+        return value
 
     def _detector(self, value: dict | None) -> dict:
         unknown = set(value or {}) - set(DEFAULT_DETECTOR)
@@ -234,8 +254,7 @@ class PatchAlignConfig(PretrainedConfig):
         """BertConfig of a fusion (bidirectional, explicit mask) or decoder (causal) layer with cross-attention.
 
         transformers' BertLayer only builds cross-attention with `is_decoder=True`; fusion layers always get
-        an explicit bidirectional mask, so they never run causally.
+        an explicit bidirectional mask, so they never run causally. The model points the layers' attention modules
+        at `text_config` afterwards, so they follow its attention implementation.
         """
-        cfg = BertConfig(**{**self.text_config.to_dict(), "is_decoder": True, "add_cross_attention": True})
-        cfg._attn_implementation = "sdpa"
-        return cfg
+        return BertConfig(**{**self.text_config.to_dict(), "is_decoder": True, "add_cross_attention": True})

@@ -20,22 +20,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModel, BertModel, GenerationMixin, PreTrainedModel, ViTModel
+from transformers import (
+    AutoModel,
+    BertModel,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationMixin,
+    PreTrainedModel,
+    ViTModel,
+)
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_patch_align import PatchAlignConfig
 from .patch_selection import DualPatchSelectionHook, PatchSelectionHook, TextAwarePatchDetector, pta_loss
 from .semantic_heads import IGNORE_INDEX, SemanticHeads
 from .token_merging import BlockHook, MergeState, padding_bias
+from .transformers_compat import CACHE_NAME, get_cache
 from .vision_tower import TokenMergingVisionTower
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "PatchAlignPreTrainedModel",
@@ -58,7 +71,12 @@ __all__ = [
 
 @dataclass
 class PatchAlignModelOutput(ModelOutput):
-    """image_embeds: text-agnostic image tokens (B, N', Cv); fused: text attending to text-aware tokens."""
+    """image_embeds: text-agnostic image tokens (B, N', Cv); fused: text attending to text-aware tokens.
+
+    With output_hidden_states / output_attentions (eager attention only), per part: the vision tower's
+    text-agnostic branch (the embeddings then each block; K+2 tokens after the detector), the text encoder,
+    the fusion layers (and their cross-attention to the text-aware image tokens).
+    """
 
     image_embeds: Tensor | None = None
     text_embeds: Tensor | None = None  # (B, T, Ct)
@@ -67,6 +85,13 @@ class PatchAlignModelOutput(ModelOutput):
     fused_embeds: Tensor | None = None  # (B, T, Ct)
     patch_scores: Tensor | None = None  # (B, P) text-aware detector scores
     kept_patches: Tensor | None = None  # (B, K) indices of the kept patches, spatial order
+    vision_hidden_states: tuple[Tensor, ...] | None = None
+    vision_attentions: tuple[Tensor, ...] | None = None
+    text_hidden_states: tuple[Tensor, ...] | None = None
+    text_attentions: tuple[Tensor, ...] | None = None
+    fusion_hidden_states: tuple[Tensor, ...] | None = None
+    fusion_attentions: tuple[Tensor, ...] | None = None
+    fusion_cross_attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -88,6 +113,10 @@ class PatchAlignForPreTrainingOutput(ModelOutput):
     itm_negative_images: Tensor | None = None  # (B,) image index paired with text i as a negative
     patch_scores: Tensor | None = None  # (B, P)
     kept_patches: Tensor | None = None  # (B, K)
+    vision_hidden_states: tuple[Tensor, ...] | None = None  # the text-agnostic branch, as PatchAlignModelOutput
+    vision_attentions: tuple[Tensor, ...] | None = None
+    text_hidden_states: tuple[Tensor, ...] | None = None  # the unmasked caption
+    text_attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -101,10 +130,11 @@ class PatchAlignRetrievalOutput(ModelOutput):
 
 
 @dataclass
-class PatchAlignGenerationOutput(ModelOutput):
-    loss: Tensor | None = None
-    logits: Tensor | None = None  # (B, T, V)
-    encoder_hidden_states: Tensor | None = None
+class PatchAlignGenerationOutput(CausalLMOutputWithCrossAttentions):
+    """transformers' causal-LM output (loss, logits (B, T, V), the decoder's cache, hidden_states, attentions,
+    cross_attentions of the decoder) plus the memory it cross-attends to, so generate() encodes the image once."""
+
+    encoder_hidden_states: Tensor | None = None  # (B, M, Ct)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -179,12 +209,64 @@ def _gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(all_gather(x), dim=0), torch.distributed.get_rank() * x.shape[0]
 
 
-def _causal_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, T) 1/0 -> additive causal + padding (B, 1, T, T)."""
-    T = mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+def _causal_bias(mask: Tensor, query_length: int, dtype: torch.dtype) -> Tensor:
+    """(B, K) 1/0 over cached + new keys -> additive causal + padding bias (B, 1, Q, K); query i is key K - Q + i."""
+    K = mask.shape[1]
+    keys = torch.arange(K, device=mask.device)
+    causal = keys[None, :] <= keys[K - query_length:, None]  # (Q, K)
     allowed = causal[None, None] & mask[:, None, None, :].bool()
     return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+
+def _positions(mask: Tensor, query_length: int) -> Tensor:
+    """Position ids (B, Q) of the last Q keys, counted over real tokens only: left padding shifts nothing."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - query_length:]
+
+
+@dataclass
+class _LayerStackOutput:
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+
+
+def _run_cross_layers(
+    layers: nn.ModuleList,
+    hidden: Tensor,
+    bias: Tensor,
+    memory: Tensor,
+    cache: EncoderDecoderCache | None = None,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> _LayerStackOutput:
+    """BertLayers with cross-attention. BertLayer drops its attention maps, so forward hooks on its two attention
+    modules record them (eager only: SDPA computes none, and then attentions stay None)."""
+    all_hidden = [hidden] if output_hidden_states else None
+    maps: dict[str, list[Tensor | None]] = {"self": [], "cross": []}
+    handles = []
+    if output_attentions:
+        for layer in layers:
+            for kind, module in (("self", layer.attention.self), ("cross", layer.crossattention.self)):
+                handles.append(module.register_forward_hook(lambda _m, _a, out, kind=kind: maps[kind].append(out[1])))
+    cache_kwargs = {CACHE_NAME: cache} if cache is not None else {}
+    try:
+        for layer in layers:
+            # tensors positionally: transformers' checkpointing keeps gradients for positional inputs only
+            hidden = layer(hidden, bias, memory, **cache_kwargs)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attentions = cross = None
+    if output_attentions:
+        if any(m is None for m in maps["self"] + maps["cross"]):
+            logger.warning_once("fusion / decoder layers: SDPA returns no attention maps; set "
+                                "attn_implementation='eager' (text_config) for output_attentions=True")
+        else:
+            attentions, cross = tuple(maps["self"]), tuple(maps["cross"])
+    return _LayerStackOutput(hidden, tuple(all_hidden) if all_hidden is not None else None, attentions, cross)
 
 
 class _CaptureHook(BlockHook):
@@ -233,6 +315,8 @@ class ImageEncoding:
     logits: Tensor | None  # (B, P) text-aware detector logits
     kept: Tensor | None  # (B, K)
     patches: Tensor | None  # (B, P, Cv) unpruned patch tokens for the semantic heads
+    hidden_states: tuple[Tensor, ...] | None = None  # the agnostic branch: embeddings, then each block
+    attentions: tuple[Tensor, ...] | None = None  # the agnostic branch, eager only
 
 
 # ----------------------------------------------------------------------------- models
@@ -243,7 +327,7 @@ class PatchAlignPreTrainedModel(PreTrainedModel):
     base_model_prefix = "patch_align"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # tower blocks, text encoder, fusion and decoder layers
     _supports_sdpa = True
     _no_split_modules = ["BertLayer", "ViTLayer", "CLIPEncoderLayer", "Dinov2Layer"]
     accepts_loss_kwargs = False
@@ -262,6 +346,14 @@ class PatchAlignPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, PatchAlignModel):
             init.constant_(module.logit_scale, math.log(1.0 / self.config.itc_temperature))
+
+    def _output_flags(self, output_attentions: bool | None, output_hidden_states: bool | None,
+                      return_dict: bool | None) -> tuple[bool, bool, bool]:
+        """Unset switches fall back to the config, as transformers' models do."""
+        cfg = self.config
+        return (cfg.output_attentions if output_attentions is None else output_attentions,
+                cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
+                getattr(cfg, "return_dict", True) if return_dict is None else return_dict)
 
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, **config_kwargs: Any) -> "PatchAlignPreTrainedModel":
@@ -317,6 +409,10 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
         cross = config.cross_layer_config()
         self.fusion_layers = nn.ModuleList([BertLayer(cross, layer_idx=i) for i in range(config.num_fusion_layers)])
         self.decoder_layers = nn.ModuleList([BertLayer(cross, layer_idx=i) for i in range(config.num_decoder_layers)])
+        for layer in (*self.fusion_layers, *self.decoder_layers):
+            # BertLayer builds cross-attention only from a decoder config (a copy); its attention modules read their
+            # config for the attention implementation alone, so they share text_config's and follow its changes
+            layer.attention.self.config = layer.crossattention.self.config = tcfg
         self.vision_proj = nn.Linear(vcfg.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(tcfg.hidden_size, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.itc_temperature)))
@@ -329,10 +425,21 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
             self.detector = TextAwarePatchDetector(vcfg.hidden_size, tcfg.hidden_size, det["hidden_size"])
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.word_embeddings  # shared by the text encoder and the decoder
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.word_embeddings = value
+
     # -- encoders ------------------------------------------------------------------------
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Unimodal BERT: (B, T) -> (B, T, Ct)."""
+        return self.text_outputs(input_ids, attention_mask).last_hidden_state
+
+    def text_outputs(self, input_ids: Tensor, attention_mask: Tensor | None = None, output_attentions: bool = False,
+                     output_hidden_states: bool = False) -> ModelOutput:
+        """The text encoder's own output (hidden states and attention maps when asked)."""
         limit = self.config.text_config.max_position_embeddings
         if input_ids.shape[-1] > limit:
             raise ValueError(
@@ -340,9 +447,11 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
                 f"text_config.max_position_embeddings={limit} positions; build inputs with "
                 f"PatchAlignProcessor(max_length<={limit})"
             )
-        return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states)
 
-    def encode_image(self, pixel_values: Tensor, text_cls: Tensor | None = None, want_patches: bool = False) -> ImageEncoding:
+    def encode_image(self, pixel_values: Tensor, text_cls: Tensor | None = None, want_patches: bool = False,
+                     output_hidden_states: bool = False, output_attentions: bool = False) -> ImageEncoding:
         """Run the tower once; text_cls (B, Ct) adds the text-aware branch next to the agnostic one."""
         det = self.config.patch_detector
         hooks: list[BlockHook] = []
@@ -359,32 +468,55 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
                 hooks.append(DualPatchSelectionHook(agnostic, aware))
             else:
                 hooks.append(agnostic)
-        out = self.vision_tower(pixel_values, hooks=hooks).last_hidden_state
-        B = pixel_values.shape[0]
+        tower = self.vision_tower(pixel_values, hooks=hooks, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions)
+        out, B = tower.last_hidden_state, pixel_values.shape[0]
         patches = capture.hidden[:, 1:] if capture is not None else None
+        # after the detector both branches run stacked on the batch axis: report the agnostic rows
+        hidden = tuple(h[:B] for h in tower.hidden_states) if tower.hidden_states is not None else None
+        maps = tuple(a[:B] for a in tower.attentions) if tower.attentions else None
         if aware is not None:
-            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches)
+            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, hidden, maps)
         if det["enabled"]:
-            return ImageEncoding(out, None, None, agnostic.kept, patches)
-        return ImageEncoding(out, out if text_cls is not None else None, None, None, patches)
+            return ImageEncoding(out, None, None, agnostic.kept, patches, hidden, maps)
+        return ImageEncoding(out, out if text_cls is not None else None, None, None, patches, hidden, maps)
 
     def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:
         """Fusion layers: bidirectional self-attention over text, cross-attention to image tokens."""
-        hidden, memory = text_embeds, self.image_to_text(image_embeds)
-        bias = padding_bias(attention_mask, hidden.dtype)
-        for layer in self.fusion_layers:
-            hidden = layer(hidden, attention_mask=bias, encoder_hidden_states=memory)
-        return hidden
+        return self.fusion_outputs(text_embeds, attention_mask, image_embeds).last_hidden_state
+
+    def fusion_outputs(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor,
+                       output_hidden_states: bool = False, output_attentions: bool = False) -> _LayerStackOutput:
+        bias = padding_bias(attention_mask, text_embeds.dtype)
+        return _run_cross_layers(self.fusion_layers, text_embeds, bias, self.image_to_text(image_embeds),
+                                 output_hidden_states=output_hidden_states, output_attentions=output_attentions)
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor | None, memory: Tensor) -> Tensor:
         """Decoder: shared text embeddings, causal self-attention, cross-attention to memory (B, M, Ct)."""
+        return self.decoder_outputs(input_ids, attention_mask, memory).last_hidden_state
+
+    def decoder_outputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        memory: Tensor,
+        position_ids: Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> _LayerStackOutput:
+        """attention_mask (B, cached + T) covers the cached keys too; positions default to counting its real
+        tokens (left padding). The cache holds self-attention keys / values and the memory's projections."""
+        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.text_model.embeddings(input_ids=input_ids)
-        bias = _causal_bias(attention_mask, hidden.dtype)
-        for layer in self.decoder_layers:
-            hidden = layer(hidden, attention_mask=bias, encoder_hidden_states=memory)
-        return hidden
+            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        if position_ids is None:
+            position_ids = _positions(attention_mask, input_ids.shape[1])
+        hidden = self.text_model.embeddings(input_ids=input_ids, position_ids=position_ids)  # (B, T, Ct)
+        bias = _causal_bias(attention_mask, input_ids.shape[1], hidden.dtype)
+        return _run_cross_layers(self.decoder_layers, hidden, bias, memory, cache, output_hidden_states,
+                                 output_attentions)
 
     def image_feature(self, image_embeds: Tensor) -> Tensor:
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -397,21 +529,37 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
         pixel_values: Tensor,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> PatchAlignModelOutput:
+    ) -> PatchAlignModelOutput | tuple:
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text = self.encode_text(input_ids, attention_mask)
-        enc = self.encode_image(pixel_values, text_cls=text[:, 0])
-        return PatchAlignModelOutput(
+        text_out = self.text_outputs(input_ids, attention_mask, output_attentions, output_hidden_states)
+        text = text_out.last_hidden_state
+        enc = self.encode_image(pixel_values, text_cls=text[:, 0], output_hidden_states=output_hidden_states,
+                                output_attentions=output_attentions)
+        fused = self.fusion_outputs(text, attention_mask, enc.aware, output_hidden_states, output_attentions)
+        out = PatchAlignModelOutput(
             image_embeds=enc.agnostic,
             text_embeds=text,
             image_feat=self.image_feature(enc.agnostic),
             text_feat=self.text_feature(text),
-            fused_embeds=self.fuse(text, attention_mask, enc.aware),
+            fused_embeds=fused.last_hidden_state,
             patch_scores=enc.logits.sigmoid() if enc.logits is not None else None,
             kept_patches=enc.kept,
+            vision_hidden_states=enc.hidden_states,
+            vision_attentions=enc.attentions,
+            text_hidden_states=text_out.hidden_states,
+            text_attentions=text_out.attentions,
+            fusion_hidden_states=fused.hidden_states,
+            fusion_attentions=fused.attentions,
+            fusion_cross_attentions=fused.cross_attentions,
         )
+        return out if return_dict else out.to_tuple()
 
 
 class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
@@ -435,6 +583,18 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
             region_loss=heads["region_feature"]["loss"],
         )
         self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head.decoder = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers resizes the shared input embeddings and the captioning LM head; the MLM head follows."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.mlm_head.decoder = self._get_resized_lm_head(self.mlm_head.decoder, embeddings.num_embeddings)
+        return embeddings
 
     def _itc(self, image_feat: Tensor, text_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         all_text, offset = _gather_with_grad(text_feat)
@@ -460,18 +620,27 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         region_features: Tensor | None = None,
         region_mask: Tensor | None = None,
         sample_seeds: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> PatchAlignForPreTrainingOutput:
+    ) -> PatchAlignForPreTrainingOutput | tuple:
         """ITM and the captioning LM are not computed when their loss weight is 0 (retrieval fine-tuning skips LM).
 
         MLM and the text-aware branch always run (PTA and the detector's scores need them).
         sample_seeds (B,) int64: per-sample MLM masks (see `mask_tokens`), reproducible across processes.
         """
         cfg, pa, w = self.config, self.patch_align, self.config.loss_weights
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict)
+        if cfg.mask_token_id is None:
+            raise ValueError("PatchAlignForPreTraining: config.mask_token_id is None (MLM needs the tokenizer's [MASK] "
+                             "id); set it in PatchAlignConfig")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         B = input_ids.shape[0]
-        text = pa.encode_text(input_ids, attention_mask)  # (B, T, Ct)
+        text_out = pa.text_outputs(input_ids, attention_mask, output_attentions, output_hidden_states)
+        text = text_out.last_hidden_state  # (B, T, Ct)
         tok = cfg.text_config
         special = [i for i in (tok.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id) if i is not None]
         masked_ids, mlm_labels = mask_tokens(
@@ -480,7 +649,8 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         )
         masked_text = pa.encode_text(masked_ids, attention_mask)
         want_patches = any(cfg.semantic_heads[h]["enabled"] for h in ("object_class", "attribute", "region_feature"))
-        enc = pa.encode_image(pixel_values, text_cls=masked_text[:, 0], want_patches=want_patches)
+        enc = pa.encode_image(pixel_values, text_cls=masked_text[:, 0], want_patches=want_patches,
+                              output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         losses: dict[str, Tensor] = {}
 
         # ITC (text-agnostic image embedding)
@@ -532,7 +702,7 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
                 )
             )
         loss = sum(w[name] * value for name, value in losses.items())
-        return PatchAlignForPreTrainingOutput(
+        out = PatchAlignForPreTrainingOutput(
             loss=loss,
             **{f"loss_{name}": value for name, value in losses.items()},
             logits_per_image=logits_i2t,
@@ -541,7 +711,12 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
             itm_negative_images=neg_image,
             patch_scores=enc.logits.sigmoid() if enc.logits is not None else None,
             kept_patches=enc.kept,
+            vision_hidden_states=enc.hidden_states,
+            vision_attentions=enc.attentions,
+            text_hidden_states=text_out.hidden_states,
+            text_attentions=text_out.attentions,
         )
+        return out if return_dict else out.to_tuple()
 
 
 class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
@@ -564,9 +739,11 @@ class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         k: int = 16,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> PatchAlignRetrievalOutput:
+    ) -> PatchAlignRetrievalOutput | tuple:
         pa = self.patch_align
+        return_dict = self._output_flags(None, None, return_dict)[2]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not isinstance(k, int) or k < 1:
@@ -584,7 +761,8 @@ class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
             reranked = torch.full_like(scores, float("-inf"))
             reranked[rows.flatten(), top.flatten()] = self._itm_scores(text, attention_mask, images, pairs)
             out[f"{name}_scores"] = reranked
-        return PatchAlignRetrievalOutput(itc_scores=itc, **out)
+        result = PatchAlignRetrievalOutput(itc_scores=itc, **out)
+        return result if return_dict else result.to_tuple()
 
 
 class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMixin):
@@ -592,9 +770,12 @@ class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMi
 
     With `question_input_ids` (VQA), the question is encoded, prunes the image text-aware and is
     fused with it; the decoder then reads the fused question tokens (mPLUG-style answer decoder).
+    `generate` is GenerationMixin's own: the prompt defaults to [CLS] (`bos_token_id`), it stops at [SEP]
+    (`eos_token_id`), the image is encoded at the first step only and the decoder keeps a KV cache
+    (self-attention keys / values and the memory's cross-attention projections).
     """
 
-    main_input_name = "input_ids"  # GenerationMixin's prompt; pixel_values travel as a keyword
+    main_input_name = "input_ids"  # the decoder prompt, first in forward; pixel_values travel as a keyword
     _tied_weights_keys: dict[str, str] = {}
 
     def __init__(self, config: PatchAlignConfig):
@@ -604,10 +785,16 @@ class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMi
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.patch_align.text_model.embeddings.word_embeddings
+        return self.patch_align.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.patch_align.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head.decoder = value
 
     def encode_memory(
         self,
@@ -625,63 +812,87 @@ class PatchAlignForConditionalGeneration(PatchAlignPreTrainedModel, GenerationMi
         image = pa.encode_image(pixel_values, text_cls=question[:, 0]).aware
         return pa.fuse(question, question_attention_mask, image), question_attention_mask
 
+    @staticmethod
+    def _decoder_cache(cache: Any) -> EncoderDecoderCache:
+        """The decoder needs self- and cross-attention caches. generate() prepares a self-attention DynamicCache
+        sized for the text encoder's depth: while still empty it is replaced (the new one is returned)."""
+        if isinstance(cache, EncoderDecoderCache):
+            return cache
+        if cache is None or cache.get_seq_length() == 0:
+            return EncoderDecoderCache(DynamicCache(), DynamicCache())
+        raise ValueError(
+            f"PatchAlign's decoder cache must be an EncoderDecoderCache, got a filled {type(cache).__name__}"
+        )
+
     def forward(
         self,
-        pixel_values: Tensor | None = None,
         input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         question_input_ids: Tensor | None = None,
         question_attention_mask: Tensor | None = None,
         encoder_hidden_states: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        shift_labels: Tensor | None = None,
         **kwargs,
-    ) -> PatchAlignGenerationOutput:
-        """labels (B, T) aligned with input_ids (shifted inside); IGNORE_INDEX on prompt and padding."""
+    ) -> PatchAlignGenerationOutput | tuple:
+        """labels (B, T) aligned with input_ids (shifted inside), or shift_labels (B, T) already shifted (the
+        target of position t is the token at t + 1); IGNORE_INDEX on prompt and padding. attention_mask covers
+        cached + new tokens; positions count its real tokens, so left padding changes no logit. The decoder's
+        cache travels in **kwargs under transformers' name for it."""
+        output_attentions, output_hidden_states, return_dict = self._output_flags(
+            output_attentions, output_hidden_states, return_dict)
         if input_ids is None:
             raise ValueError(f"{type(self).__name__}.forward needs input_ids (the decoder tokens)")
         if encoder_hidden_states is None:
             if pixel_values is None:
                 raise ValueError(f"{type(self).__name__}.forward needs pixel_values or encoder_hidden_states")
             encoder_hidden_states, _ = self.encode_memory(pixel_values, question_input_ids, question_attention_mask)
-        logits = self.lm_head(self.patch_align.decode(input_ids, attention_mask, encoder_hidden_states))
+        cache = get_cache(kwargs)
+        if use_cache is None:
+            use_cache = cache is not None
+        cache = self._decoder_cache(cache) if use_cache else None
+        decoded = self.patch_align.decoder_outputs(input_ids, attention_mask, encoder_hidden_states, position_ids,
+                                                   cache, output_hidden_states, output_attentions)
+        logits = self.lm_head(decoded.last_hidden_state)  # (B, T, V)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
-        return PatchAlignGenerationOutput(loss=loss, logits=logits, encoder_hidden_states=encoder_hidden_states)
+        if labels is not None and shift_labels is None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # target of position t: token t + 1
+        if shift_labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX)
+        out = PatchAlignGenerationOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=decoded.hidden_states,
+            attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
+            encoder_hidden_states=encoder_hidden_states,
+            **{CACHE_NAME: cache},
+        )
+        return out if return_dict else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                                      encoder_hidden_states: Tensor | None = None, **kwargs) -> dict:
-        """No KV cache: the decoder re-reads the whole prefix each step (short captions, small decoder)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "encoder_hidden_states": encoder_hidden_states}
+    # GenerationMixin's inputs; pixel_values stay until the memory is known (an assistant model's first call counts
+    # as a continuation, where GenerationMixin drops them). `wraps` keeps GenerationMixin's signature, which generate()
+    # checks keywords against and which names the cache as the installed release does.
+    @wraps(GenerationMixin.prepare_inputs_for_generation)
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("encoder_hidden_states") is None and kwargs.get("pixel_values") is not None:
+            inputs["pixel_values"] = kwargs["pixel_values"]
+        return inputs
 
-    @torch.no_grad()
-    def generate(
-        self,
-        pixel_values: Tensor | None = None,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        question_input_ids: Tensor | None = None,
-        question_attention_mask: Tensor | None = None,
-        **kwargs,
-    ):
-        """Encode the image (and question) once, then GenerationMixin's greedy / beam search on the decoder.
-
-        input_ids: an optional decoder prompt; defaults to [CLS] (the decoder's start token).
-        """
-        if pixel_values is None:
-            raise ValueError(f"{type(self).__name__}.generate needs pixel_values")
-        memory, _ = self.encode_memory(pixel_values, question_input_ids, question_attention_mask)
-        B = pixel_values.shape[0]
-        if input_ids is None:
-            input_ids = torch.full((B, 1), self.config.cls_token_id, dtype=torch.long, device=pixel_values.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        kwargs.setdefault("eos_token_id", self.config.sep_token_id)
-        kwargs.setdefault("pad_token_id", self.config.text_config.pad_token_id)
-        kwargs.setdefault("use_cache", False)
-        return super().generate(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory, **kwargs)
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any,
+                                            **kwargs: Any) -> dict[str, Any]:
+        """GenerationMixin's update, plus the memory: later steps (and steps without a cache) reuse it instead of
+        encoding the image again; with a cache only its cross-attention projections are read."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["encoder_hidden_states"] = outputs.encoder_hidden_states
+        return model_kwargs
 
 
 class PatchAlignForQuestionAnswering(PatchAlignForConditionalGeneration):
