@@ -25,6 +25,7 @@ class ImageCollator:
         self.skipped: list[str] = []
 
     def images_and_rows(self, rows: list[dict[str, Any]]) -> tuple[list[PIL.Image.Image], list[dict[str, Any]]]:
+        """The decoded images and the rows they belong to (unreadable ones skipped when allowed)."""
         images, kept = [], []
         for row in rows:
             try:
@@ -44,6 +45,7 @@ class MergeBridgeCollator(ImageCollator):
     """Rows of `to_pairs` -> MergeBridge inputs via its processor (prompt template per task, labels on targets)."""
 
     def prompt(self, question: str) -> str:
+        """The processor's prompt template for the task (VQA: with the question)."""
         if self.task == "vqa":
             return self.processor.build_prompt("vqa", question=question)
         return self.processor.build_prompt("caption")

@@ -85,6 +85,7 @@ class EvalArguments:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalArguments:
+    """EvalArguments from the command line (`argv`, default sys.argv[1:]); bad values fail in __post_init__."""
     parser = HfArgumentParser(EvalArguments, prog="leanvlp-eval",
                               description="Evaluate a saved leanvlp model; results go into its folder and card.")
     (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))

@@ -37,6 +37,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def print_entry(entry: dict[str, Any]) -> None:
+    """One eval_results.json entry as a titled plain-text report."""
     title = f"{entry['task']}{' sweep' if entry.get('kind') else ''} on {entry['dataset']} ({entry['split']})"
     print("\n" + title + "\n" + "=" * len(title))
     if "method" in entry:

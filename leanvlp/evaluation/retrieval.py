@@ -136,6 +136,7 @@ def detector_precision(model: Any, processor: Any, data: Dataset, batch_size: in
 
 
 def run_retrieval(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
+    """The retrieval entry of eval_results.json: R@k from the evaluator's score matrix (+ its extras)."""
     images, texts, owner = images_and_captions(data)
     scores = ev.retrieval_scores(images, texts, args)  # (I, T)
     metrics = {**retrieval_recall(scores, owner), **ev.retrieval_extras(data, args)}

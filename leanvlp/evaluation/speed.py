@@ -186,6 +186,7 @@ def _speed_inputs(data: Dataset, args: EvalArguments) -> tuple[list[PIL.Image.Im
 
 
 def run_speed(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
+    """The speed entry of eval_results.json: technique off vs on, same weights, same batch, timed in turns."""
     images, captions = _speed_inputs(data, args)
     settings, setups = [], []
     for label, value in ev.settings():

@@ -62,6 +62,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """Which data, for which task: the embedded shapes set, a COCO folder or any `datasets` source."""
+
     dataset: str = field(default="shapes", metadata={"help": f"one of {DATASETS}"})
     task: str = field(default="caption", metadata={"help": f"one of {TASKS}"})
     data_path: str | None = field(default=None, metadata={"help": "COCO-format folder, or datasets path / hub id"})

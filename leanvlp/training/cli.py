@@ -37,6 +37,7 @@ def load_schema_data(args: DataArguments, image_size: int) -> tuple[Dataset | It
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`train.py` / `leanvlp-train`: train, save the folder (model, processor, card, summary), print the numbers."""
     model_args, data_args, train_args = parse_args(argv)
     set_seed(train_args.seed)
     start = time.time()
