@@ -14,13 +14,14 @@ gradients, so a formula would have to guess what the counter measures).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from leanvlp import MergeBridgeConfig, MergeBridgeForConditionalGeneration, TokenMergingConfig
+from leanvlp.evaluation.speed import images_per_second
+from leanvlp.training.arguments import parse_r
 
 PRESETS = {
     # ViT-B/16 @224 (197 tokens) -> BERT-base-shaped bridge -> 12-layer, 768-wide Llama-style LLM
@@ -39,9 +40,7 @@ PRESETS = {
 
 def build(preset: str, r: str, mode: str) -> MergeBridgeForConditionalGeneration:
     shapes = PRESETS[preset]
-    parts = [int(p) for p in r.split(",")]
-    merging = dict(r=parts[0] if len(parts) == 1 else (tuple(parts) if parts[1:] == [-1] else parts), mode=mode,
-                   prop_attn=mode == "size_weighted")
+    merging = dict(r=parse_r(r), mode=mode, prop_attn=mode == "size_weighted")
     config = MergeBridgeConfig(vision_config={"model_type": "vit", **shapes["vision"]},
                                text_config={"model_type": "llama", "max_position_embeddings": 512, **shapes["llm"]},
                                bridge_config=shapes["bridge"], bridge_merging=merging,
@@ -95,7 +94,7 @@ def main() -> None:
     use_bf16 = args.dtype == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
 
-    flops, times = {}, {name: [] for name in settings}
+    flops = {}
     for name, cfg in settings.items():
         model.bridge.encoder.merging = cfg
         with FlopCounterMode(display=False) as counter:
@@ -104,21 +103,17 @@ def main() -> None:
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
         flops[name] = counter.get_total_flops()
-        for _ in range(args.warmup):
-            step(model, optimizer, batches[name], autocast)
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both settings alike
-        for name, cfg in settings.items():
-            model.bridge.encoder.merging = cfg
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(model, optimizer, batches[name], autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
 
+    def timed_step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            model.bridge.encoder.merging = settings[name]
+            step(model, optimizer, batches[name], autocast)
+        return run
+
+    # eval's timer: warm-up, then repeats interleaved (drift in machine load hits both settings alike), medians
+    rates = images_per_second([timed_step(name) for name in settings], 1, device, args.warmup, args.repeats)
     off, on = settings
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = {name: 1 / rate for name, rate in zip(settings, rates)}  # seconds per step
     print(f"MergeBridge training step, preset={args.preset}, batch={args.batch_size}, text={args.text_tokens} tokens, "
           f"{args.dtype} on {device}, torch threads={torch.get_num_threads()}, median of {args.repeats}")
     print(f"vision tokens {model.config.num_vision_tokens}; bridge merging {merged.to_dict()}")

@@ -12,16 +12,16 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from leanvlp.data.collate import MergeBridgeCollator
+from leanvlp.data.pairs import to_pairs
 from leanvlp.training import (
     LeanTrainer,
-    MergeBridgeCollator,
     build_merge_bridge,
     corpus_of,
     load_schema_data,
     main,
     parse_args,
     parse_r,
-    to_pairs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,7 +285,7 @@ def _patch_align_setup(task: str = "pretrain", extra: tuple[str, ...] = ()):
 
 def test_patch_align_collator_passes_boxes_and_per_sample_mlm_seeds():
     from leanvlp.modeling.modeling_patch_align import mask_tokens
-    from leanvlp.training import PatchAlignCollator
+    from leanvlp.data.collate import PatchAlignCollator
 
     model, processor, pairs = _patch_align_setup()
     rows = [pairs[i] for i in range(6)]

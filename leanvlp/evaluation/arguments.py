@@ -1,0 +1,107 @@
+"""eval.py's flags (`EvalArguments`) and the eval set they name."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from transformers import HfArgumentParser
+
+from ..data import make_shapes_dataset
+from ..data.pairs import load_split
+
+
+TASKS = ("caption", "vqa", "retrieval", "speed")
+DATA_KINDS = ("shapes", "coco", "hf")
+HELD_OUT_START = 1_000_000  # first shapes index of eval images: never among the training images
+DEFAULT_SPLITS = {"shapes": "held-out", "coco": "val2017", "hf": "validation"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate, on what, how. `python eval.py --help` lists them."""
+
+    model: str = field(metadata={"help": "folder written by save_pretrained / train.py"})
+    task: str = field(metadata={"help": f"one of {TASKS}"})
+    data: str = field(default="shapes", metadata={"help": f"one of {DATA_KINDS}"})
+    data_path: str | None = field(default=None, metadata={"help": "COCO folder, or datasets path / hub id"})
+    split: str | None = field(default=None, metadata={"help": f"split to evaluate (defaults: {DEFAULT_SPLITS})"})
+    image_column: str = "image"
+    caption_column: str | None = None
+    num_images: int = field(default=100, metadata={"help": "evaluate the first N images"})
+    batch_size: int = 32
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    dtype: str = field(default="fp32", metadata={"help": f"one of {tuple(DTYPES)}"})
+    sweep: str | None = field(default=None, metadata={"help": "speed task: comma-separated values, e.g. '0,4,8,16'"})
+    warmup: int = field(default=1, metadata={"help": "untimed calls before timing"})
+    repeats: int = field(default=5, metadata={"help": "timed calls; throughput uses their median"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task: unknown task {self.task!r}; choose one of {TASKS}")
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"--data: unknown dataset kind {self.data!r}; choose one of {DATA_KINDS}")
+        if self.data != "shapes" and self.data_path is None:
+            raise ValueError(f"--data {self.data}: --data_path is required")
+        for name in ("num_images", "batch_size", "max_new_tokens", "num_beams", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.sweep is not None and self.task != "speed":
+            raise ValueError(f"--sweep goes with --task speed (got --task {self.task})")
+        if self.split is None:
+            self.split = DEFAULT_SPLITS[self.data]
+
+    @property
+    def sweep_values(self) -> list[int | float]:
+        """'0,4,8' -> [0, 4, 8] (MergeBridge r); '1.0,0.5' -> [1.0, 0.5] (PatchAlign keep ratio)."""
+        if self.sweep is None:
+            return []
+        parts = [v.strip() for v in self.sweep.split(",") if v.strip()]
+        try:
+            values = [float(v) if "." in v else int(v) for v in parts]
+        except ValueError:
+            values = []
+        if not values or any(v < 0 for v in values):
+            raise ValueError(f"--sweep: expected comma-separated integers (MergeBridge r, e.g. '0,4,8,16') or keep "
+                             f"ratios (PatchAlign, e.g. '1.0,0.7,0.5'), got {self.sweep!r}")
+        return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalArguments:
+    """EvalArguments from the command line (`argv`, default sys.argv[1:]); bad values fail in __post_init__."""
+    parser = HfArgumentParser(EvalArguments, prog="leanvlp-eval",
+                              description="Evaluate a saved leanvlp model; results go into its folder and card.")
+    (args,) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def load_eval_data(args: EvalArguments, image_size: int) -> Dataset:
+    """The first `num_images` images of the eval set, in leanvlp's row schema; an empty set is an error."""
+    if args.data == "shapes":
+        return make_shapes_dataset(args.num_images, image_size=max(image_size, 32), start_index=HELD_OUT_START)
+    data = load_split(args.data, args.data_path, args.split, args.image_column, args.caption_column)
+    if len(data) == 0:
+        raise ValueError(f"dataset {args.data_path!r} (split {args.split!r}) is empty: no images to evaluate")
+    return data.select(range(min(args.num_images, len(data))))
+
+
+def dataset_id(args: EvalArguments) -> str:
+    """The dataset's name in eval_results.json (the same as train.py writes)."""
+    return "leanvlp/shapes" if args.data == "shapes" else str(args.data_path)
