@@ -59,3 +59,17 @@ def test_box_beyond_the_tolerance_is_rejected_by_both_naming_it(tmp_path, proces
                                          r" \(value \[50.0, 10.0, 14.625, 5.0\], xywh\)"):
         processor(images=[PIL.Image.new("RGB", (64, 64))], text=["a red circle"], boxes=[[BEYOND]],
                   box_labels=[["circle"]])
+
+
+@pytest.mark.parametrize("family", ["merge_bridge", "patch_align"])
+def test_fine_tuning_a_checkpoint_of_another_model_type_names_it_before_loading(tmp_path, family):
+    from leanvlp.training.arguments import ModelArguments
+    from leanvlp.training.models import AnnotationVocab, build_merge_bridge, build_patch_align
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "patch_allign"}))
+    args = ModelArguments(checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"model_type 'patch_allign' .*{tmp_path.name}.*\['{family}'\]"):
+        if family == "merge_bridge":
+            build_merge_bridge(args, ["a"])
+        else:
+            build_patch_align(args, "pretrain", ["a"], AnnotationVocab([], [], 0))

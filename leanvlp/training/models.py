@@ -9,6 +9,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from ..auto import check_model_folder
 from .arguments import HEADS, ModelArguments, parse_heads, parse_r
 
 
@@ -29,6 +30,7 @@ def build_merge_bridge(args: ModelArguments, corpus: Sequence[str]) -> tuple[Any
     from ..tiny import build_word_tokenizer, tiny_image_processor, tiny_llama_config, tiny_vision_config
 
     if args.checkpoint is not None:
+        check_model_folder(args.checkpoint, [MergeBridgeConfig.model_type])  # names a wrong model_type early
         model = MergeBridgeForConditionalGeneration.from_pretrained(args.checkpoint)
         processor = MergeBridgeProcessor.from_pretrained(args.checkpoint)
         model.config.freeze_vision, model.config.freeze_llm = args.freeze_vision, args.freeze_llm
@@ -140,6 +142,7 @@ def build_patch_align(args: ModelArguments, task: str, corpus: Sequence[str], vo
 
     model_class = patch_align_class(task)
     if args.checkpoint is not None:
+        check_model_folder(args.checkpoint, [PatchAlignConfig.model_type])
         model = model_class.from_pretrained(args.checkpoint)
         processor = PatchAlignProcessor.from_pretrained(args.checkpoint)
         if task == "retrieval":  # fine-tune ITC + ITM only
