@@ -191,16 +191,21 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def _output_flags(self, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:
+        """The explicit switches, else the config's (as transformers models resolve them)."""
+        return (self.config.output_hidden_states if hidden_states is None else hidden_states,
+                self.config.output_attentions if attentions is None else attentions)
+
     @can_return_tuple
     def get_image_features(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
                            output_attentions: bool | None = None, track_sources: bool = False,
                            **kwargs: Any) -> MergeBridgeImageOutput:
         """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> `pooler_output`, the visual prefix (B, M, C_llm).
 
-        `kwargs` (e.g. the LLM's attention kwargs an outer forward passes along) do not concern the towers.
+        `kwargs`: the per-image kwargs other VLMs take (`image_sizes`...), which callers such as serving engines
+        pass along; MergeBridge's fixed-size towers do not need them.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states, output_attentions = self._output_flags(output_hidden_states, output_attentions)
         if pixel_values.ndim == 5:  # video
             b, t = pixel_values.shape[:2]
             if t == 0:
@@ -216,7 +221,9 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
         elif pixel_values.ndim == 4:
             b, t, frames, hooks = pixel_values.shape[0], 1, pixel_values, []
         else:
-            raise ValueError(f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
         frozen = self.config.freeze_vision and not hooks  # temporal hooks carry trainable parameters
         capture = None if self.config.vision_feature_norm else _LayerCapture(self.config.vision_feature_layer_index)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -261,8 +268,7 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MergeBridge: give exactly one of input_ids or inputs_embeds")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states, output_attentions = self._output_flags(output_hidden_states, output_attentions)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, C_llm)
         image_outputs = None
@@ -397,7 +403,9 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         llm = AutoModelForCausalLM.from_pretrained(text)
         head = llm.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise ValueError(f"MergeBridge: the LLM {text!r} has an LM head with a bias; only bias-free heads are supported")
+            raise ValueError(
+                f"MergeBridge: the LLM {text!r} has an LM head with a bias; only bias-free heads are supported"
+            )
         tokenizer = AutoTokenizer.from_pretrained(text)
         image_token = config_kwargs.get("image_token", "<image>")
         if image_token not in tokenizer.get_vocab():
