@@ -88,7 +88,7 @@ def test_prefix_length_equals_derived_count_in_forward(tokenizer, merging, layer
                                             intermediate_size=32))
     model = MergeBridgeForConditionalGeneration(config).eval()
     with torch.no_grad():
-        prefix = model.get_image_features(torch.randn(1, 3, 224, 224))
+        prefix = model.get_image_features(torch.randn(1, 3, 224, 224)).pooler_output
     assert config.num_vision_tokens == 257
     assert prefix.shape == (1, config.num_image_tokens, 32)
     if merging == {"r": 19}:
@@ -225,9 +225,9 @@ def test_frozen_towers_stay_bit_identical_after_a_step(tokenizer):
     opt.step()
     after = model.state_dict()
     for name, value in after.items():
-        if name.startswith(("vision_tower.", "language_model.")):
+        if name.startswith(("model.vision_tower.", "model.language_model.", "lm_head.")):
             assert torch.equal(before[name], value), name
-    assert any(not torch.equal(before[n], v) for n, v in after.items() if n.startswith("bridge."))
+    assert any(not torch.equal(before[n], v) for n, v in after.items() if n.startswith("model.bridge."))
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_bridge_gradients(tokenizer):
@@ -242,10 +242,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_bridge_gradients(tokeniz
         if checkpointing:
             # 5.24 renamed it activation_checkpointing_enable (the old name warns)
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-            assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+            assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
         loss = model(**batch).loss
         loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if n.startswith("bridge.")]))
+        grads.append((loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if n.startswith("model.bridge.")]))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for plain, checkpointed in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(plain, checkpointed)
@@ -314,17 +314,17 @@ def test_video_with_zero_gate_equals_frame_mean_of_image_features(tokenizer):
     assert all(layer.gate.item() == 0.0 for layer in model.temporal.layers)
     video = torch.randn(2, 3, 3, IMAGE, IMAGE)  # (B, T, 3, H, W)
     with torch.no_grad():
-        video_prefix = model.get_image_features(video)
+        video_prefix = model.get_image_features(video).pooler_output
         per_frame = torch.stack([model.vision_tower(video[:, t]).last_hidden_state for t in range(3)], dim=1)
-        expected = model.bridge(per_frame.mean(dim=1))[0]
+        expected = model.bridge(per_frame.mean(dim=1)).last_hidden_state
     torch.testing.assert_close(video_prefix, expected, rtol=0, atol=1e-6)
     # a non-zero gate changes the features, and the temporal parameters are the only trainable vision ones
     with torch.no_grad():
         for layer in model.temporal.layers:
             layer.gate.fill_(0.5)
-        assert not torch.allclose(model.get_image_features(video), video_prefix)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bridge.")]
-    assert trainable and all(n.startswith("temporal.") for n in trainable)
+        assert not torch.allclose(model.get_image_features(video).pooler_output, video_prefix)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.bridge.")]
+    assert trainable and all(n.startswith("model.temporal.") for n in trainable)
 
 
 def test_processor_accepts_videos(tokenizer):

@@ -69,15 +69,27 @@ class MergeBridgeConfig(PretrainedConfig):
             proportional attention; `{"r": 19, "mode": "size_weighted", "prop_attn": True}` is ToMe's variant.
             `protected` defaults to the tower's leading (CLS) token count.
         vision_merging (`dict`, *optional*):
-            [`TokenMergingConfig`] inside the vision tower itself (defaults to r=0: no merging).
+            [`TokenMergingConfig`] inside the vision tower itself (defaults to r=0: no merging). Videos of more than
+            one frame need r=0 here: each frame would merge different token groups before the frame mean.
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            Which tower layer the bridge reads, indexed like the tower's `hidden_states` (1..L, or -1 = last,
+            -2 = penultimate...; the embeddings, index 0, are not a choice). `from_vision_text_pretrained` uses -2,
+            as EVLGen and Llava.
+        vision_feature_norm (`bool`, *optional*):
+            Apply the tower's final norm (ViT/DINOv2 `layernorm`, SigLIP `post_layernorm`; CLIP has none) to the
+            features. Only possible for the last layer; defaults to `True` there and `False` otherwise.
         image_token_id (`int`, *optional*):
             Token id of the image placeholder in the LLM vocabulary (set by the processor builder).
         image_token (`str`, *optional*, defaults to `"<image>"`):
             The placeholder string.
         freeze_vision (`bool`, *optional*, defaults to `True`): keep the vision tower frozen.
-        freeze_llm (`bool`, *optional*, defaults to `True`): keep the LLM frozen.
+        freeze_llm (`bool`, *optional*, defaults to `True`): keep the LLM (and its LM head) frozen. Both are
+            applied at construction and after `from_pretrained`; call `model.apply_freezing()` after changing them.
         temporal_merging (`bool`, *optional*, defaults to `False`):
             Video: soft attentive temporal token merging inside every vision block (gate initialised at 0).
+            Needs `vision_merging` r=0 (the temporal attention pairs the same position across frames).
+        tie_word_embeddings (`bool`, *optional*):
+            Tie the LM head to the LLM's input embeddings; defaults to `text_config.tie_word_embeddings`.
         temporal_dim (`int`, *optional*, defaults to 256): query/key width of the temporal attention.
         temporal_heads (`int`, *optional*, defaults to 8): heads of the temporal attention.
 
@@ -110,11 +122,14 @@ class MergeBridgeConfig(PretrainedConfig):
         vision_merging: dict | TokenMergingConfig | None = None,
         image_token_id: int | None = None,
         image_token: str = "<image>",
+        vision_feature_layer: int = -1,
+        vision_feature_norm: bool | None = None,
         freeze_vision: bool = True,
         freeze_llm: bool = True,
         temporal_merging: bool = False,
         temporal_dim: int = 256,
         temporal_heads: int = 8,
+        tie_word_embeddings: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, DEFAULT_VISION, "vision_config")
@@ -142,10 +157,34 @@ class MergeBridgeConfig(PretrainedConfig):
         self.temporal_merging = temporal_merging
         self.temporal_dim = temporal_dim
         self.temporal_heads = temporal_heads
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_norm = vision_feature_layer == -1 if vision_feature_norm is None else vision_feature_norm
+        # transformers ties the LM head when the top-level config says so; the LLM's config decides by default.
+        self.tie_word_embeddings = (getattr(self.text_config, "tie_word_embeddings", False)
+                                    if tie_word_embeddings is None else tie_word_embeddings)
         super().__init__(**kwargs)
+        self._check_vision_features()
+        if temporal_merging and self.vision_merges_tokens:
+            raise ValueError(
+                f"MergeBridgeConfig: temporal_merging=True needs vision_merging r=0, got r={self.vision_merging['r']} "
+                "(frames would merge different token groups, so the temporal attention would pair unrelated tokens)"
+            )
         # Validate both schedules against their depths now, not deep inside a forward pass.
         self.bridge_merging_config.schedule(self.bridge_config.num_hidden_layers)
         self.vision_merging_config.schedule(self.vision_config.num_hidden_layers)
+
+    def _check_vision_features(self) -> None:
+        layers, layer = self.vision_config.num_hidden_layers, self.vision_feature_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not (1 <= layer <= layers or -layers <= layer <= -1):
+            raise ValueError(
+                f"MergeBridgeConfig.vision_feature_layer={layer!r}: must be an int in 1..{layers} or -{layers}..-1 "
+                f"(the tower has {layers} layers)"
+            )
+        if self.vision_feature_norm and self.vision_feature_layer_index != layers - 1:
+            raise ValueError(
+                f"MergeBridgeConfig.vision_feature_norm=True with vision_feature_layer={layer}: the tower's final norm "
+                "applies to its last layer only"
+            )
 
     @staticmethod
     def _merging(value: dict | TokenMergingConfig | None, default: dict, leading: int, field: str) -> dict:
@@ -165,15 +204,26 @@ class MergeBridgeConfig(PretrainedConfig):
         return TokenMergingConfig.from_dict(self.vision_merging)
 
     @property
+    def vision_feature_layer_index(self) -> int:
+        """0-based index of the tower layer whose output the bridge reads."""
+        layer = self.vision_feature_layer
+        return layer - 1 if layer > 0 else self.vision_config.num_hidden_layers + layer
+
+    @property
+    def vision_merges_tokens(self) -> bool:
+        """Whether the tower itself merges tokens in any layer."""
+        return any(self.vision_merging_config.schedule(self.vision_config.num_hidden_layers))
+
+    @property
     def num_vision_tokens(self) -> int:
         """Tokens entering the vision tower (patches + CLS) at the configured image size."""
         return vision_num_tokens(self.vision_config)
 
     @property
     def num_bridge_input_tokens(self) -> int:
-        """Tokens leaving the vision tower (after its own merging, if any) and entering the bridge."""
+        """Tokens the bridge reads: the feature layer's output (after the tower's own merging, if any)."""
         counts = self.vision_merging_config.token_counts(self.num_vision_tokens, self.vision_config.num_hidden_layers)
-        return counts[-1] if counts else self.num_vision_tokens
+        return counts[self.vision_feature_layer_index] if counts else self.num_vision_tokens
 
     @property
     def num_image_tokens(self) -> int:

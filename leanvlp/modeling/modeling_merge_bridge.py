@@ -1,13 +1,3 @@
-"""MergeBridge (SimVLG / EVLGen): frozen vision tower -> token-merging BERT bridge -> frozen causal LLM.
-
-    pixels (B, 3, H, W) --vision tower--> (B, N0, Cv) --LayerNorm, Linear--> (B, N0, Cb) + positions
-    --bridge: BERT layers, ToMe merge between attention and FFN--> (B, M, Cb) --Linear--> (B, M, Cl)
-    --scattered into the M `<image>` positions of the prompt--> causal LLM --> next-token loss on targets
-
-One stage, one loss. M is deterministic (N0 minus the merges of every layer), so the processor expands one
-`<image>` into exactly M tokens. Videos (B, T, 3, H, W) run per frame, optionally with temporal token merging
-inside the tower, and are averaged over frames before the bridge.
-"""
 
 from __future__ import annotations
 
@@ -17,33 +7,46 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.bert.modeling_bert import BertLayer
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_merge_bridge import MergeBridgeConfig
 from .temporal_merging import TemporalTokenMerging
-from .token_merging import BertLayerAdapter, TokenMergingEncoder
+from .token_merging import BertLayerAdapter, BlockHook, MergeState, TokenMergingEncoder, TokenMergingOutput
 from .transformers_compat import CACHE_NAME, get_cache, outputs_from
 from .vision_tower import TokenMergingVisionTower
 
 
 @dataclass
-class MergeBridgeOutput(CausalLMOutputWithPast):
-    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss).
+class MergeBridgeImageOutput(BaseModelOutputWithPooling):
+    """Output of `get_image_features`, as transformers 5.x VLMs return it (serving engines read `pooler_output`).
 
-    The LLM's fields (loss, logits, the cache under the installed release's name, hidden_states, attentions),
-    then the visual prefix and the bridge's token counts.
+    last_hidden_state: the tower's features the bridge reads (B, N, Cv) (`vision_feature_layer`; frame mean for
+    videos); pooler_output: the visual prefix (B, M, C_llm); hidden_states / attentions: the tower's, when asked
+    (per frame for videos); bridge_hidden_states / bridge_attentions: the bridge's before its output projection,
+    when asked; bridge_token_counts: tokens after each bridge layer.
     """
 
-    image_hidden_states: Tensor | None = None  # (B, M, C_llm), the visual prefix
-    bridge_token_counts: list[int] | None = None  # tokens after each bridge layer
+    bridge_hidden_states: tuple[Tensor, ...] | None = None
+    bridge_attentions: tuple[Tensor, ...] | None = None
+    bridge_token_counts: list[int] | None = None
 
 
 @dataclass
 class MergeBridgeModelOutput(BaseModelOutputWithPast):
-    """Output of [`MergeBridgeModel`]: the LLM's last hidden state over the multimodal sequence (+ its cache)."""
+    """Output of [`MergeBridgeModel`]: the LLM's fields (the cache under the installed release's name), then
+    `image_outputs` ([`MergeBridgeImageOutput`]) when pixels were given."""
 
-    image_hidden_states: Tensor | None = None  # (B, M, C_llm)
+    image_outputs: MergeBridgeImageOutput | None = None
+
+
+@dataclass
+class MergeBridgeOutput(CausalLMOutputWithPast):
+    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss): the LLM's
+    fields, then `image_outputs` ([`MergeBridgeImageOutput`]) when pixels were given."""
+
+    image_outputs: MergeBridgeImageOutput | None = None
 
 
 class MergeBridgeBridge(nn.Module):
@@ -65,7 +68,9 @@ class MergeBridgeBridge(nn.Module):
         self.encoder = TokenMergingEncoder(layers, BertLayerAdapter(), config.bridge_merging)
         self.output_proj = nn.Linear(bc.hidden_size, config.text_config.hidden_size)
 
-    def forward(self, vision_tokens: Tensor, track_sources: bool = False) -> tuple[Tensor, list[int]]:
+    def forward(self, vision_tokens: Tensor, track_sources: bool = False, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> TokenMergingOutput:
+        """`last_hidden_state` is the projected prefix (B, M, C_llm); hidden states stay in the bridge width."""
         x = self.input_proj(self.input_norm(vision_tokens))  # (B, N0, Cb)
         if x.shape[1] != self.position_embeddings.num_embeddings:
             raise ValueError(
@@ -73,11 +78,17 @@ class MergeBridgeBridge(nn.Module):
                 f"{self.position_embeddings.num_embeddings} (vision_config.image_size / patch_size)"
             )
         x = self.dropout(self.embed_norm(x + self.position_embeddings.weight))
-        out = self.encoder(x, track_sources=track_sources)  # (B, M, Cb)
-        return self.output_proj(out.last_hidden_state), out.token_counts  # (B, M, C_llm)
+        out = self.encoder(x, track_sources=track_sources, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions)  # (B, M, Cb)
+        out.last_hidden_state = self.output_proj(out.last_hidden_state)  # (B, M, C_llm)
+        return out
 
     def load_bert(self, bert: PreTrainedModel) -> None:
-        """Initialise positions, embedding LayerNorm and every layer from a BERT model's weights."""
+        """Initialise positions, embedding LayerNorm and every layer from a BERT model's weights.
+
+        BERT adds token-type row 0 to every input; it is folded into the positions (both are constants added
+        before the LayerNorm), so the bridge starts exactly where a BERT-initialised EVLGen bridge does.
+        """
         base = getattr(bert, "bert", bert)
         n = self.position_embeddings.num_embeddings
         if base.embeddings.position_embeddings.num_embeddings < n:
@@ -85,20 +96,42 @@ class MergeBridgeBridge(nn.Module):
         if len(base.encoder.layer) < len(self.encoder.layers):
             raise ValueError(f"bridge_init: BERT has {len(base.encoder.layer)} layers, the bridge {len(self.encoder.layers)}")
         with torch.no_grad():
-            self.position_embeddings.weight.copy_(base.embeddings.position_embeddings.weight[:n])
+            positions = base.embeddings.position_embeddings.weight[:n]  # (N0, Cb)
+            token_type = getattr(base.embeddings, "token_type_embeddings", None)
+            if token_type is not None:
+                positions = positions + token_type.weight[0]
+            self.position_embeddings.weight.copy_(positions)
         self.embed_norm.load_state_dict(base.embeddings.LayerNorm.state_dict())
         for ours, theirs in zip(self.encoder.layers, base.encoder.layer):
             ours.load_state_dict(theirs.state_dict())
 
 
+class _LayerCapture(BlockHook):
+    """Keeps one layer's output (before the tower's final norm) as the block loop passes it."""
+
+    def __init__(self, layer_idx: int) -> None:
+        self.layer_idx = layer_idx
+        self.hidden: Tensor | None = None
+
+    def after_block(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
+        if layer_idx == self.layer_idx:
+            self.hidden = hidden
+        return hidden, state
+
+
 class MergeBridgePreTrainedModel(PreTrainedModel):
     config_class = MergeBridgeConfig
     config: MergeBridgeConfig
-    base_model_prefix = "merge_bridge"
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True  # LLM decoder layers, and every block of the tower and the bridge
+    # Every block loop dispatches through transformers' attention interface (token_merging.py): SDPA and flex
+    # are tested. Flash attention (untested here, and refused whenever merging needs a bias), a compiled full
+    # graph (the image-token count check reads a tensor) and the attention-backend / TP contract (the tower
+    # and bridge run their own attention calls) are not claimed.
     _supports_sdpa = True
+    _supports_flex_attn = True
     _no_split_modules = ["BertLayer", "LlamaDecoderLayer", "OPTDecoderLayer", "CLIPEncoderLayer", "ViTLayer",
                          "Dinov2Layer", "SiglipEncoderLayer"]
     _skip_keys_device_placement = [CACHE_NAME]
@@ -117,8 +150,19 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def _build(self, config: MergeBridgeConfig, language_model: nn.Module) -> None:
-        """The parts shared by both heads; `language_model` is a base LLM or a causal-LM head model."""
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loader, then the config's freezing (loading recreates every parameter as trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_freezing()
+        return loaded
+
+
+class MergeBridgeModel(MergeBridgePreTrainedModel):
+    """Vision tower + merging bridge + base LLM (no LM head): the multimodal sequence's hidden states."""
+
+    def __init__(self, config: MergeBridgeConfig) -> None:
+        super().__init__(config)
         if config.image_token_id is not None and not 0 <= config.image_token_id < config.text_config.vocab_size:
             raise ValueError(
                 f"MergeBridgeConfig.image_token_id={config.image_token_id} is outside the LLM vocabulary "
@@ -132,13 +176,9 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
             if config.temporal_merging else None
         )
         self.bridge = MergeBridgeBridge(config)
-        self.language_model = language_model
+        self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
         self.apply_freezing()
-        if config.image_token_id is not None and self.generation_config is not None:
-            # The placeholder must never be generated: it would be read as an image slot on the next step.
-            suppressed = set(self.generation_config.suppress_tokens or []) | {config.image_token_id}
-            self.generation_config.suppress_tokens = sorted(suppressed)
 
     def apply_freezing(self) -> None:
         """Freeze the towers the config marks frozen (temporal-merging parameters always train)."""
@@ -151,50 +191,60 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: Tensor, track_sources: bool = False) -> Tensor:
-        """Visual prefix for images (B, 3, H, W) or videos (B, T, 3, H, W): (B, M, C_llm)."""
-        features, _ = self._image_features(pixel_values, track_sources)
-        return features
+    def _output_flags(self, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:
+        """The explicit switches, else the config's (as transformers models resolve them)."""
+        return (self.config.output_hidden_states if hidden_states is None else hidden_states,
+                self.config.output_attentions if attentions is None else attentions)
 
-    def _image_features(self, pixel_values: Tensor, track_sources: bool = False) -> tuple[Tensor, list[int]]:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, track_sources: bool = False,
+                           **kwargs: Any) -> MergeBridgeImageOutput:
+        """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> `pooler_output`, the visual prefix (B, M, C_llm).
+
+        `kwargs`: the per-image kwargs other VLMs take (`image_sizes`...), which callers such as serving engines
+        pass along; MergeBridge's fixed-size towers do not need them.
+        """
+        output_hidden_states, output_attentions = self._output_flags(output_hidden_states, output_attentions)
         if pixel_values.ndim == 5:  # video
             b, t = pixel_values.shape[:2]
             if t == 0:
                 raise ValueError("MergeBridge: a video with zero frames")
+            if t > 1 and self.config.vision_merges_tokens:
+                raise ValueError(
+                    f"MergeBridge: a {t}-frame video with vision_merging.r={self.config.vision_merging['r']}: each "
+                    "frame would merge different token groups, so the frame mean would mix unrelated tokens; set "
+                    "vision_merging r=0 for video (bridge merging is unaffected)"
+                )
             frames = pixel_values.flatten(0, 1)  # (B*T, 3, H, W)
-            hooks = (self.temporal.hook(t),) if self.temporal is not None else ()
+            hooks: list[BlockHook] = [self.temporal.hook(t)] if self.temporal is not None else []
         elif pixel_values.ndim == 4:
-            b, t, frames, hooks = pixel_values.shape[0], 1, pixel_values, ()
+            b, t, frames, hooks = pixel_values.shape[0], 1, pixel_values, []
         else:
-            raise ValueError(f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}")
-        frozen = self.config.freeze_vision and not hooks  # temporal hooks carry trainable parameters
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            vision = self.vision_tower(frames, hooks=hooks).last_hidden_state  # (B*T, N0, Cv)
-        vision = vision.view(b, t, *vision.shape[1:]).mean(dim=1)  # (B, N0, Cv): frame mean (identity for images)
-        return self.bridge(vision)
-
-    def _merge_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
-                      pixel_values: Tensor | None) -> tuple[Tensor, Tensor | None, list[int] | None]:
-        """Embed the prompt and scatter the visual prefix into its `<image>` positions."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("MergeBridge: give exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, C_llm)
-        if pixel_values is None:
-            return inputs_embeds, None, None
-        if input_ids is None:
-            raise ValueError("MergeBridge: pixel_values need input_ids to locate the <image> tokens")
-        features, counts = self._image_features(pixel_values)  # (B_img, M, C_llm)
-        mask = input_ids == self.config.image_token_id  # (B, L)
-        if int(mask.sum()) != features.shape[0] * features.shape[1]:
             raise ValueError(
-                f"MergeBridge: input_ids hold {int(mask.sum())} image tokens (id {self.config.image_token_id}) but "
-                f"{features.shape[0]} images x {features.shape[1]} visual tokens = {features.numel() // features.shape[-1]} "
-                "are needed; build inputs with MergeBridgeProcessor"
+                f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}"
             )
-        features = features.to(inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), features)
-        return inputs_embeds, features, counts
+        frozen = self.config.freeze_vision and not hooks  # temporal hooks carry trainable parameters
+        capture = None if self.config.vision_feature_norm else _LayerCapture(self.config.vision_feature_layer_index)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            tower = self.vision_tower(frames, hooks=[*hooks, *([capture] if capture else [])],
+                                      output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        vision = capture.hidden if capture is not None else tower.last_hidden_state  # (B*T, N, Cv)
+        vision = vision.view(b, t, *vision.shape[1:]).mean(dim=1)  # (B, N, Cv): frame mean (identity for images)
+        bridge = self.bridge(vision, track_sources=track_sources, output_hidden_states=output_hidden_states,
+                             output_attentions=output_attentions)
+        return MergeBridgeImageOutput(
+            last_hidden_state=vision, pooler_output=bridge.last_hidden_state, hidden_states=tower.hidden_states,
+            attentions=tower.attentions, bridge_hidden_states=bridge.hidden_states,
+            bridge_attentions=bridge.attentions, bridge_token_counts=bridge.token_counts,
+        )
+
+    def get_placeholder_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor) -> Tensor:
+        """(B, L) True at `<image>` positions, from the ids or, without them, from the embedded placeholder."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(dim=-1)
 
     def _check_length(self, inputs_embeds: Tensor, kwargs: dict[str, Any]) -> None:
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
@@ -206,39 +256,103 @@ class MergeBridgePreTrainedModel(PreTrainedModel):
                 f"(text_config.max_position_embeddings={limit})"
             )
 
-
-class MergeBridgeModel(MergeBridgePreTrainedModel):
-    """Vision tower + merging bridge + base LLM (no LM head): the multimodal sequence's hidden states."""
-
-    def __init__(self, config: MergeBridgeConfig) -> None:
-        super().__init__(config)
-        self._build(config, AutoModel.from_config(config.text_config))
-
+    @can_return_tuple
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 **kwargs: Any) -> MergeBridgeModelOutput:
-        """`kwargs` go to the LLM unchanged, the cache among them under whichever name the caller used."""
-        inputs_embeds, image_features, _ = self._merge_inputs(input_ids, inputs_embeds, pixel_values)
+        """Embed the prompt, scatter the visual prefix into its `<image>` positions, run the base LLM.
+
+        `kwargs` go to the LLM unchanged, the cache among them under whichever name the caller used.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MergeBridge: give exactly one of input_ids or inputs_embeds")
+        output_hidden_states, output_attentions = self._output_flags(output_hidden_states, output_attentions)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, C_llm)
+        image_outputs = None
+        if pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                                                    output_attentions=output_attentions, return_dict=True)
+            features = image_outputs.pooler_output  # (B_img, M, C_llm)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, L)
+            if int(mask.sum()) != features.shape[0] * features.shape[1]:
+                raise ValueError(
+                    f"MergeBridge: the inputs hold {int(mask.sum())} image tokens (id {self.config.image_token_id}) "
+                    f"but {features.shape[0]} images x {features.shape[1]} visual tokens = "
+                    f"{features.shape[0] * features.shape[1]} are needed; build inputs with MergeBridgeProcessor"
+                )
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), features)
         self._check_length(inputs_embeds, kwargs)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=use_cache, **kwargs)
-        return outputs_from(MergeBridgeModelOutput, out, image_hidden_states=image_features)
+                                  position_ids=position_ids, use_cache=use_cache,
+                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                  **kwargs)
+        return outputs_from(MergeBridgeModelOutput, out, image_outputs=image_outputs)
 
 
 class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, GenerationMixin):
-    """MergeBridge with the LLM's own LM head: captioning / VQA loss and `generate()`."""
+    """MergeBridge with an LM head: captioning / VQA loss and `generate()`.
+
+    `vision_tower`, `temporal`, `bridge` and `language_model` (now the base LLM) are read-only shortcuts into
+    `model`, as in-tree VLMs keep them.
+    """
 
     def __init__(self, config: MergeBridgeConfig) -> None:
         super().__init__(config)
-        self._build(config, AutoModelForCausalLM.from_config(config.text_config))
+        self.model = MergeBridgeModel(config)
+        embeddings = self.model.get_input_embeddings()  # (V, C_embed)
+        self.lm_head = nn.Linear(embeddings.embedding_dim, config.text_config.vocab_size, bias=False)
+        # Which parameter the head ties to depends on the LLM family (embed_tokens, decoder.embed_tokens, wte...).
+        embed_name = next(n for n, p in self.model.language_model.named_parameters() if p is embeddings.weight)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embed_name}"}
+        self.post_init()
+        self.apply_freezing()
+        if config.image_token_id is not None:
+            # The placeholder must never be generated: it would be read as an image slot on the next step.
+            suppressed = set(self.generation_config.suppress_tokens or []) | {config.image_token_id}
+            self.generation_config.suppress_tokens = sorted(suppressed)
+
+    @property
+    def vision_tower(self) -> TokenMergingVisionTower:
+        return self.model.vision_tower
+
+    @property
+    def temporal(self) -> TemporalTokenMerging | None:
+        return self.model.temporal
+
+    @property
+    def bridge(self) -> MergeBridgeBridge:
+        return self.model.bridge
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def apply_freezing(self) -> None:
+        """Freeze the towers the config marks frozen; the LM head follows `freeze_llm`."""
+        self.model.apply_freezing()
+        self.lm_head.requires_grad_(not self.config.freeze_llm)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
+        return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
+        self.lm_head = value
 
+    def get_image_features(self, pixel_values: Tensor, **kwargs: Any) -> MergeBridgeImageOutput:
+        """See [`MergeBridgeModel.get_image_features`]: `pooler_output` is the visual prefix (B, M, C_llm)."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
@@ -246,19 +360,30 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
                 **kwargs: Any) -> MergeBridgeOutput:
         r"""
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
-            Next-token targets aligned with `input_ids` (the LLM shifts them); -100 on image, prompt and
-            padding positions, as `MergeBridgeProcessor(..., targets=...)` builds them.
-        kwargs: passed to the LLM unchanged, the cache among them under whichever name the caller used.
+            Next-token targets aligned with `input_ids` (shifted inside the loss, or pass `shift_labels`); -100
+            on image, prompt and padding positions, as `MergeBridgeProcessor(..., targets=...)` builds them.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last n positions only (0: all), or for
+            the given sequence indices.
+        kwargs: passed to the LLM, the cache among them under whichever name the caller used; `output_attentions`
+            / `output_hidden_states` also reach the tower and the bridge (`image_outputs`).
 
         `generate()` is GenerationMixin's own: it sends `pixel_values` only at prefill (or on every step
         without a cache, when the prompt is re-read whole).
         """
-        inputs_embeds, image_features, counts = self._merge_inputs(input_ids, inputs_embeds, pixel_values)
-        self._check_length(inputs_embeds, kwargs)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, labels=labels, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
-        return outputs_from(MergeBridgeOutput, out, image_hidden_states=image_features, bridge_token_counts=counts)
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         return_dict=True, **kwargs)
+        hidden = out.last_hidden_state  # (B, L, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])  # (B, L', V)
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap is not None:  # Gemma 2/3 cap the logits after their head
+            logits = torch.tanh(logits / softcap) * softcap
+        loss = None
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits)
 
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, bridge_init: str | None = None,
@@ -267,13 +392,20 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
 
         The LLM's tokenizer gets `<image>` (and a pad token) the same way `MergeBridgeProcessor.
         from_vision_text_pretrained` adds them, and the embeddings are resized to match. `bridge_init` names a
-        BERT checkpoint whose encoder initialises the bridge (its shape then defines `bridge_config`).
+        BERT checkpoint whose encoder initialises the bridge (its shape then defines `bridge_config`). The bridge
+        reads the tower's penultimate layer without its final norm unless `vision_feature_layer` /
+        `vision_feature_norm` say otherwise (as EVLGen and Llava).
         """
         from transformers import AutoConfig, AutoTokenizer
 
         vision_model = AutoModel.from_pretrained(vision)
         vision_config = getattr(vision_model.config, "vision_config", vision_model.config)  # CLIP/SigLIP: vision half
         llm = AutoModelForCausalLM.from_pretrained(text)
+        head = llm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(
+                f"MergeBridge: the LLM {text!r} has an LM head with a bias; only bias-free heads are supported"
+            )
         tokenizer = AutoTokenizer.from_pretrained(text)
         image_token = config_kwargs.get("image_token", "<image>")
         if image_token not in tokenizer.get_vocab():
@@ -284,13 +416,17 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         if bridge_init is not None:
             bert = AutoModel.from_pretrained(bridge_init)
             config_kwargs.setdefault("bridge_config", AutoConfig.from_pretrained(bridge_init))
+        config_kwargs.setdefault("vision_feature_layer", -2)
+        config_kwargs.setdefault("vision_feature_norm", False)
         config = MergeBridgeConfig(vision_config=vision_config, text_config=llm.config,
                                    image_token_id=tokenizer.convert_tokens_to_ids(image_token), **config_kwargs)
         model = cls(config)
-        _load_vision_weights(model.vision_tower.vision_model, vision_model)
-        model.language_model.load_state_dict(llm.state_dict())
+        _load_vision_weights(model.model.vision_tower.vision_model, vision_model)
+        model.model.language_model.load_state_dict(llm.base_model.state_dict())
+        if model.lm_head.weight is not model.get_input_embeddings().weight:  # untied: the LLM's own head
+            model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
         if bert is not None:
-            model.bridge.load_bert(bert)
+            model.model.bridge.load_bert(bert)
         model.apply_freezing()
         return model
 
@@ -310,6 +446,7 @@ __all__ = [
     "MergeBridgeModel",
     "MergeBridgeForConditionalGeneration",
     "MergeBridgeBridge",
+    "MergeBridgeImageOutput",
     "MergeBridgeOutput",
     "MergeBridgeModelOutput",
 ]
