@@ -59,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
     BertModel,
     BertTokenizer,
     Blip2QFormerConfig,
@@ -212,12 +213,12 @@ def easy_vqa_samples(rows: list[dict], count: int, seed: int, batch_size: int) -
 @torch.no_grad()
 def vision_features(model: MergeBridgeForConditionalGeneration, processor: MergeBridgeProcessor, images: list,
                     batch_size: int = 32) -> tuple[Tensor, float]:
-    """Frozen DINOv2-S tokens for every image (N, 65, 384), and seconds per image of that forward."""
+    """Frozen DINOv2-S tokens the bridge reads for every image (N, 65, 384), and seconds per image of that forward."""
     model.eval()
     chunks, start = [], time.perf_counter()
     for s in range(0, len(images), batch_size):
         pixels = processor.image_processor(images[s:s + batch_size], return_tensors="pt")["pixel_values"]
-        chunks.append(model.vision_tower(pixels).last_hidden_state)
+        chunks.append(model.get_image_features(pixels).last_hidden_state)  # the config's vision_feature_layer
     return torch.cat(chunks), (time.perf_counter() - start) / max(len(images), 1)
 
 
@@ -320,7 +321,7 @@ def easy_vqa_experiment(args: argparse.Namespace, budget_s: float, log: Callable
         str(vision_dir), str(llm_dir), bridge_init=str(bert_dir), bridge_merging={"r": MERGE_R},
         freeze_vision=True, freeze_llm=True)
     image_token_id = model.config.image_token_id
-    llm = model.language_model.eval()
+    llm = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()  # the same frozen weights, with its LM head
     procs = {n: MergeBridgeProcessor.from_vision_text_pretrained(str(vision_dir), str(llm_dir), num_image_tokens=k)
              for n, k in (("merged", model.config.num_image_tokens), ("unmerged", model.config.num_bridge_input_tokens),
                           ("qformer", NUM_QUERIES))}

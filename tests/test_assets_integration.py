@@ -210,7 +210,7 @@ def test_merge_bridge_on_dinov2_smollm2_minilm(asset_paths, easy_vqa_test, tmp_p
     assert torch.equal(model.bridge.encoder.layers[3].output.dense.weight, bert.encoder.layer[3].output.dense.weight)
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("bridge.") for n in trainable)
+    assert trainable and all(n.startswith("model.bridge.") for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     bridge_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

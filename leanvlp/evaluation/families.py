@@ -130,7 +130,7 @@ class MergeBridgeEvaluator(_SpeedCalls):
         }
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model.get_image_features(batch["generate"]["pixel_values"])
+        return self.model.get_image_features(batch["generate"]["pixel_values"]).pooler_output  # (B, M, C_llm)
 
     def token_columns(self, tokens: dict[str, Any]) -> dict[str, Any]:
         """Visual tokens per stage as speed-table columns."""
@@ -141,8 +141,9 @@ class MergeBridgeEvaluator(_SpeedCalls):
     def measured_tokens(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Visual tokens at each stage as a forward pass produces them."""
         pixels = batch["generate"]["pixel_values"]
-        vision = self.model.vision_tower(pixels).last_hidden_state  # (B, N, Cv)
-        features, counts = self.model.bridge(vision)  # (B, M, C_llm), tokens after each bridge layer
+        image = self.model.get_image_features(pixels)
+        vision, features = image.last_hidden_state, image.pooler_output  # (B, N, Cv), (B, M, C_llm)
+        counts = image.bridge_token_counts  # tokens after each bridge layer
         prefix = int((batch["generate"]["input_ids"][0] == self.processor.image_token_id).sum())
         if prefix != features.shape[1]:
             raise RuntimeError(f"the prompt holds {prefix} image tokens but the bridge gave {features.shape[1]}")

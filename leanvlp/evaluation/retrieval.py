@@ -41,7 +41,7 @@ def caption_log_likelihoods(model: Any, processor: Any, images: Sequence[PIL.Ima
     features = []
     for start in range(0, len(images), batch_size):
         pixels = processor.image_processor(list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
-        features.append(model.get_image_features(pixels.to(model.device, model.dtype)))  # (b, M, C)
+        features.append(model.get_image_features(pixels.to(model.device, model.dtype)).pooler_output)  # (b, M, C)
     features = torch.cat(features)  # (I, M, C)
 
     pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))  # (I*T, 2), text fastest
