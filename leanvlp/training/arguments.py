@@ -35,6 +35,8 @@ class ModelArguments:
     bridge_prop_attn: bool = False
     bridge_layers: int = 2
     bridge_hidden: int = 128
+    bridge_dropout: float = field(default=0.1, metadata={
+        "help": "dropout in the bridge's BERT layers (hidden and attention; BERT's 0.1) when the bridge is new"})
     vision_r: int = field(default=0, metadata={"help": "token merging inside the vision tower"})
     freeze_vision: bool | None = field(default=None, metadata={
         "help": "freeze the vision tower (default: True for MergeBridge, False for PatchAlign, trained end to end)"})

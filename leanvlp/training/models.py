@@ -45,7 +45,9 @@ def build_merge_bridge(args: ModelArguments, corpus: Sequence[str]) -> tuple[Any
         if args.bridge_init is None:
             common["bridge_config"] = dict(hidden_size=args.bridge_hidden, num_hidden_layers=args.bridge_layers,
                                            num_attention_heads=max(1, args.bridge_hidden // 64),
-                                           intermediate_size=4 * args.bridge_hidden)
+                                           intermediate_size=4 * args.bridge_hidden,
+                                           hidden_dropout_prob=args.bridge_dropout,
+                                           attention_probs_dropout_prob=args.bridge_dropout)
         model = MergeBridgeForConditionalGeneration.from_vision_text_pretrained(
             args.vision_model, args.text_model, bridge_init=args.bridge_init, **common)
         processor = MergeBridgeProcessor.from_vision_text_pretrained(args.vision_model, args.text_model,
@@ -57,7 +59,8 @@ def build_merge_bridge(args: ModelArguments, corpus: Sequence[str]) -> tuple[Any
                                          args.tiny_vision_layers).to_dict(),
         text_config=tiny_llama_config(len(tokenizer), args.tiny_llm_hidden, args.tiny_llm_layers).to_dict(),
         bridge_config=dict(hidden_size=args.bridge_hidden, num_hidden_layers=args.bridge_layers,
-                           num_attention_heads=max(1, args.bridge_hidden // 64), intermediate_size=4 * args.bridge_hidden),
+                           num_attention_heads=max(1, args.bridge_hidden // 64), intermediate_size=4 * args.bridge_hidden,
+                           hidden_dropout_prob=args.bridge_dropout, attention_probs_dropout_prob=args.bridge_dropout),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **common)
     model = MergeBridgeForConditionalGeneration(config)
     processor = MergeBridgeProcessor(tiny_image_processor(args.tiny_image_size), tokenizer,
