@@ -5,6 +5,7 @@ from .hf import load_hf_dataset, to_schema
 from .schema import FEATURES, SCHEMA, VIDEO_FEATURES, to_rgb, validate_row
 from .shapes import (make_shapes_dataset, make_shapes_splits, make_video_shapes_dataset, save_sample_grid,
                      shapes_statistics)
+from .webdataset import WebDatasetStateCallback, WebDatasetStream, expand_shards, load_webdataset, webdataset_dataloader
 
 __all__ = [
     "FEATURES",
