@@ -86,7 +86,8 @@ def test_two_processes_two_workers_disjoint_union(shards: Path, shards_used: int
 
 def _gloo_worker(rank: int, port: int, pattern: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    ids = _ids(load_webdataset(pattern, seed=5, shuffle_buffer=3, repeat=False), workers=2)  # rank from torch.distributed
+    stream = load_webdataset(pattern, seed=5, shuffle_buffer=3, repeat=False)  # process index from torch.distributed
+    ids = _ids(stream, workers=2)
     gathered: list = [None, None]
     torch.distributed.all_gather_object(gathered, ids)
     if rank == 0:
@@ -99,8 +100,9 @@ def test_real_gloo_processes_read_disjoint_parts(shards: Path, tmp_path: Path) -
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "ids.json"
+    # fork: spawn would re-import this test module in each process, minutes on a busy CPU
     torch.multiprocessing.start_processes(_gloo_worker, args=(port, f"{shards}/*.tar", str(out)), nprocs=2,
-                                          start_method="fork")  # spawn would re-import this module: minutes on a busy CPU
+                                          start_method="fork")
     first, second = json.loads(out.read_text())
     assert not set(first) & set(second) and sorted(first + second) == list(range(NUM))
     simulated = _ids(load_webdataset(f"{shards}/*.tar", seed=5, shuffle_buffer=3, process_index=1, num_processes=2,
@@ -120,7 +122,8 @@ def test_order_deterministic_for_a_seed(shards: Path) -> None:
 
 
 def _batches(stream: WebDatasetStream, count: int, workers: int, batch_size: int) -> list[list[int]]:
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=lambda rows: [_index(r) for r in rows])
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers,
+                        collate_fn=lambda rows: [_index(r) for r in rows])
     out = []
     for batch in loader:
         out.append(batch)
