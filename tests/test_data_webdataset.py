@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, Image, load_dataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -72,6 +72,18 @@ def test_rows_equal_in_memory_rows(shards: Path) -> None:
         assert got == want
 
 
+def test_reads_what_datasets_webdataset_builder_reads(shards: Path) -> None:
+    """Same samples, keys, image bytes and metadata as `load_dataset("webdataset", streaming=True)`."""
+    files = [str(p) for p in sorted(shards.glob("*.tar"))]
+    reference = load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
+    reference = reference.cast_column("png", Image(decode=False))
+    ours = load_webdataset(files, shuffle_buffer=0, shuffle_shards=False, repeat=False)
+    for ref, row in zip(reference, ours, strict=True):
+        assert row["image"] == {"bytes": ref["png"]["bytes"], "path": f"{ref['__key__']}.png"}
+        assert {k: v for k, v in row.items() if k != "image"} == ref["json"]
+        assert row["captions"] == ref["txt"].split("\n")
+
+
 @pytest.mark.parametrize("shards_used", [6, 2], ids=["by_shard", "by_sample"])
 def test_two_processes_two_workers_disjoint_union(shards: Path, shards_used: int) -> None:
     """2 processes (simulated by process_index) x 2 real DataLoader workers; with 2 shards < 4 readers the
@@ -82,6 +94,8 @@ def test_two_processes_two_workers_disjoint_union(shards: Path, shards_used: int
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(4 * shards_used))
     assert len(seen[0]) == len(set(seen[0]))
+    whole = load_webdataset(pattern, seed=5, shuffle_buffer=3, process_index=1, num_processes=2, repeat=False).unsplit()
+    assert sorted(_ids(whole, workers=2)) == list(range(4 * shards_used))
 
 
 def _gloo_worker(rank: int, port: int, pattern: str, out: str) -> None:
@@ -153,11 +167,12 @@ def test_interrupted_stream_resumes_exactly(shards: Path, workers: int, stop: in
 
 
 class _Probe(nn.Module):
-    """Regresses each sample's index from its mean colour and records the indices it trained on."""
+    """Regresses each sample's index from its mean colour and records the indices it trained on; its dropout
+    makes the losses depend on the torch RNG, which a resumed run must continue alike."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.Linear(3, 1)
+        self.linear = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 1))
         self.seen: list[list[int]] = []
 
     def forward(self, pixel_values: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -268,6 +268,13 @@ class WebDatasetStream(IterableDataset):
         out.transforms, out.columns = [*self.transforms, fn], columns
         return out
 
+    def unsplit(self) -> WebDatasetStream:
+        """A one-pass copy that reads every shard (process 0 of 1): what each process must see alike, e.g. to build
+        a tokenizer's vocabulary before training."""
+        out = copy.copy(self)
+        out.process_index, out.num_processes, out.repeat, out.consumed, out.rotation = 0, 1, False, None, 0
+        return out
+
     def select_columns(self, columns: Sequence[str]) -> WebDatasetStream:
         """Rows reduced to `columns` (as ``datasets.IterableDataset.select_columns``)."""
         names = list(columns)
@@ -424,12 +431,18 @@ def load_webdataset(pattern: str | Path | Sequence[str | Path], *, seed: int = 0
 def webdataset_dataloader(stream: WebDatasetStream, args: Any, collate_fn: Callable[[list], Any]) -> DataLoader:
     """The training DataLoader of a stream, from TrainingArguments. Not `accelerator.prepare`d: the stream is
     already split per process (accelerate would read it whole on rank 0 and dispatch, or wrap it in an
-    IterableDatasetShard that drops the other processes' share again); Trainer moves batches to the device."""
+    IterableDatasetShard that drops the other processes' share again); Trainer moves batches to the device.
+
+    It has its own generator: starting its iterator then draws no number from the global torch RNG, which a
+    resumed run restores just before (else its dropout masks would shift by one draw against the uninterrupted
+    run's). The stream itself uses no torch randomness.
+    """
     workers = args.dataloader_num_workers
     return DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn,
                       num_workers=workers, pin_memory=args.dataloader_pin_memory, drop_last=True,
                       persistent_workers=args.dataloader_persistent_workers if workers else False,
-                      prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+                      prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+                      generator=torch.Generator().manual_seed(stream.seed))
 
 
 class WebDatasetStateCallback(TrainerCallback):
