@@ -216,7 +216,6 @@ def _train(shards: Path, out: Path, stop: int | None = None, resume: str | None 
     return model, trainer
 
 
-@pytest.mark.slow
 def test_trainer_resume_sees_the_same_samples_and_losses(shards: Path, tmp_path: Path) -> None:
     full_model, full = _train(shards, tmp_path / "full")
     part_model, _ = _train(shards, tmp_path / "part", stop=3)
@@ -249,8 +248,9 @@ def test_corrupt_members_named_with_shard_and_key(shards: Path, tmp_path: Path) 
     broken[2] = ("000000000.json", b"{not json")
     broken[3] = ("000000001.png", b"\xff\xd8 not an image")
     _tar(bad, broken)
-    with pytest.raises(BadSampleError, match=rf"{bad}.*'000000000'.*000000000\.json is not valid JSON"):
+    with pytest.raises(BadSampleError, match=rf"{bad}.*'000000000'.*000000000\.json is not valid JSON") as error:
         list(load_webdataset(str(bad), shuffle_buffer=0, repeat=False))
+    assert str(error.value).count("--skip_bad_samples") == 1
     stream = load_webdataset(str(bad), shuffle_buffer=0, repeat=False, skip_bad_samples=True)
     assert [_index(r) for r in stream] == [2, 3]
     assert stream.skipped == [f"{bad}:000000000", f"{bad}:000000001"]

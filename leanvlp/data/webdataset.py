@@ -301,18 +301,25 @@ class WebDatasetStream(IterableDataset):
             return by_shard or next(counter) % slots == slot
 
         for shard in order[slot::slots] if by_shard else order:
-            try:
-                for key, members, problem in _iter_samples(shard, wanted):
-                    if members is None:
-                        continue
-                    try:
-                        if problem:
-                            raise BadSampleError(shard, key, problem)
-                        yield sample_to_row(shard, key, members)
-                    except BadSampleError as err:
-                        self._bad(err)
-            except BadSampleError as err:  # a broken tar: the rest of this shard is lost
-                self._bad(err)
+            samples = _iter_samples(shard, wanted)
+            while True:
+                try:
+                    key, members, problem = next(samples)
+                except StopIteration:
+                    break
+                except BadSampleError as err:  # a broken tar: the rest of this shard is lost
+                    self._bad(err)
+                    break
+                if members is None:
+                    continue
+                try:
+                    if problem:
+                        raise BadSampleError(shard, key, problem)
+                    row = sample_to_row(shard, key, members)
+                except BadSampleError as err:
+                    self._bad(err)
+                    continue
+                yield row
 
     def _bad(self, err: BadSampleError) -> None:
         if not self.skip_bad_samples:
@@ -368,7 +375,7 @@ class WebDatasetStream(IterableDataset):
             slot = (k + self.rotation) % workers
             consumed[slot] += batch_size * ((num_batches - k + workers - 1) // workers)
         return {"format": STATE_FORMAT, "fingerprint": self.fingerprint(), "consumed": consumed,
-                "rotation": (self.rotation + num_batches) % workers, "skipped_here": len(self.skipped)}
+                "rotation": (self.rotation + num_batches) % workers}
 
     def state_dict(self) -> dict[str, Any]:
         """The restored position (before any new batches); see `advance` for the position after training."""
