@@ -22,8 +22,9 @@ Resume (no replay of the model, no shared memory): a slot's stream is a pure fun
 its position is a count of the items it has yielded. The count is derived from the number of batches the
 trainer consumed (``advance``), saved per process by ``WebDatasetStateCallback`` into
 ``checkpoint-N/webdataset_state/process_<i>.json`` and restored before the workers start. Restoring re-reads
-the slot's consumed samples without decoding images (tar bytes + JSON + image header), and rotates the
-worker-to-slot map so batches keep their uninterrupted order.
+every sample the slot consumed since the run began, without decoding images (tar bytes + JSON + image header:
+the "read" stage of benchmarks/data_throughput.py, ~1-3k samples/s per worker), and rotates the worker-to-slot
+map so batches keep their uninterrupted order.
 """
 
 from __future__ import annotations
