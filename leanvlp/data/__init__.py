@@ -8,6 +8,7 @@ from .pairs import decode_image, eval_rows, images_and_captions, load_split, tas
 from .schema import FEATURES, SCHEMA, VIDEO_FEATURES, to_rgb, validate_row
 from .shapes import (make_shapes_dataset, make_shapes_splits, make_video_shapes_dataset, save_sample_grid,
                      shapes_statistics)
+from .webdataset import WebDatasetStateCallback, WebDatasetStream, expand_shards, load_webdataset, webdataset_dataloader
 
 __all__ = [
     "FEATURES",
