@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from datasets import Image as ImageFeature
 
 from .coco import load_coco_folder
 from .hf import load_hf_dataset
+from .webdataset import WebDatasetStream
 
 ANNOTATIONS = ("boxes", "box_labels", "box_attributes", "box_features")
 
@@ -46,26 +48,19 @@ def to_pairs(data: Dataset | IterableDataset, task: str, annotations: bool = Fal
         raise ValueError(f"dataset is missing column(s) {missing} needed for task {task!r}; it has {sorted(columns)}")
     if isinstance(data, Dataset) and len(data) == 0:
         raise ValueError("dataset is empty: no rows to train on")
-    data = data.cast_column("image", ImageFeature(decode=False))
     carried = [c for c in ANNOTATIONS if annotations and c in columns]
+    if isinstance(data, WebDatasetStream):  # its rows carry undecoded images already
+        return data.flat_map(partial(row_pairs, task=task, carried=carried))
+    data = data.cast_column("image", ImageFeature(decode=False))
 
     def flatten(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"image": [], "image_id": [], "question": [], "target": [], "references": [],
                                 **{c: [] for c in carried}}
-        for i, image in enumerate(batch["image"]):
-            image_id = str(batch["image_id"][i]) if "image_id" in batch else str(i)
-            if task == "vqa":
-                items = [(q, _majority(a), list(a)) for q, a in zip(batch["questions"][i], batch["answers"][i])]
-            else:
-                items = [("", c, list(batch["captions"][i])) for c in batch["captions"][i]]
-            for question, target, refs in items:
-                out["image"].append(image)
-                out["image_id"].append(image_id)
-                out["question"].append(question)
-                out["target"].append(target)
-                out["references"].append(refs)
-                for c in carried:
-                    out[c].append(batch[c][i])
+        for i in range(len(batch["image"])):
+            row = {"image_id": str(i), **{k: values[i] for k, values in batch.items()}}
+            for pair in row_pairs(row, task, carried):
+                for k, v in pair.items():
+                    out[k].append(v)
         return out
 
     pairs = data.map(flatten, batched=True, remove_columns=list(data.column_names))
@@ -74,6 +69,16 @@ def to_pairs(data: Dataset | IterableDataset, task: str, annotations: bool = Fal
         raise ValueError(f"to_pairs: {fields} empty in every one of the {len(data)} rows, so task {task!r} has "
                          "no pairs")
     return pairs
+
+
+def row_pairs(row: dict[str, Any], task: str, carried: Sequence[str]) -> list[dict[str, Any]]:
+    """`to_pairs` of one streamed row (module level, so DataLoader workers can pickle it)."""
+    if task == "vqa":
+        items = [(q, _majority(a), list(a)) for q, a in zip(row["questions"], row["answers"])]
+    else:
+        items = [("", c, list(row["captions"])) for c in row["captions"]]
+    return [{"image": row["image"], "image_id": str(row["image_id"]), "question": q, "target": t, "references": r,
+             **{c: row[c] for c in carried}} for q, t, r in items]
 
 
 def _majority(answers: Sequence[str]) -> str:

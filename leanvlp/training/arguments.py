@@ -16,7 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 FAMILIES = ("merge_bridge", "patch_align")
 TASKS = ("caption", "vqa", "pretrain", "retrieval")
-DATASETS = ("shapes", "coco", "hf")
+DATASETS = ("shapes", "coco", "hf", "webdataset")
 HEADS = ("object_class", "attribute", "region_feature")
 
 
@@ -68,7 +68,8 @@ class DataArguments:
 
     dataset: str = field(default="shapes", metadata={"help": f"one of {DATASETS}"})
     task: str = field(default="caption", metadata={"help": f"one of {TASKS}"})
-    data_path: str | None = field(default=None, metadata={"help": "COCO-format folder, or datasets path / hub id"})
+    data_path: str | None = field(default=None, metadata={
+        "help": "COCO-format folder, datasets path / hub id, or tar shards ('DIR/{00000..00009}.tar', a glob)"})
     train_split: str = "train"
     eval_split: str | None = None
     image_column: str = "image"
@@ -77,6 +78,7 @@ class DataArguments:
     num_eval_images: int = 100
     streaming: bool = False
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and count corrupt samples"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "webdataset: samples in each reader's shuffle buffer"})
     max_new_tokens: int = 20
 
 
@@ -130,6 +132,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
         raise ValueError(f"--dataset: unknown dataset kind {data_args.dataset!r}; choose one of {DATASETS}")
     if model_args.family == "merge_bridge" and data_args.task not in ("caption", "vqa"):
         raise ValueError(f"--task {data_args.task!r}: MergeBridge trains on 'caption' or 'vqa'")
+    if data_args.dataset == "webdataset":
+        if train_args.max_steps <= 0:
+            raise ValueError("--dataset webdataset streams without end: give --max_steps")
+        train_args.ignore_data_skip = True  # the stream resumes from its own saved position (WebDatasetStateCallback)
     if model_args.freeze_vision is None:
         model_args.freeze_vision = model_args.family == "merge_bridge"
     if model_args.family == "patch_align":

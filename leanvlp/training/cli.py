@@ -9,19 +9,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import Trainer, set_seed
 
 from ..data import make_shapes_splits
 from ..data.collate import ImageCollator, MergeBridgeCollator, PatchAlignCollator
 from ..data.pairs import eval_rows, load_split, to_pairs
+from ..data.webdataset import WebDatasetStateCallback, WebDatasetStream, load_webdataset
 from ..evaluation import caption_report, patch_align_report
 from .arguments import DataArguments, ModelArguments, parse_args
 from .models import annotation_vocab, apply_lora, build_merge_bridge, build_patch_align, corpus_of
 from .trainer import CollatorEpoch, LeanTrainer, is_loss_term, save_loss_curve
 
 
-def load_schema_data(args: DataArguments, image_size: int) -> tuple[Dataset | IterableDataset, Dataset | None]:
+def load_schema_data(args: DataArguments, image_size: int, seed: int = 0) -> tuple[Any, Dataset | None]:
     """Train and eval sets in leanvlp's row schema (see `leanvlp.data.schema`)."""
     if args.dataset == "shapes":
         splits = make_shapes_splits({"train": args.num_train_images, "eval": args.num_eval_images},
@@ -29,6 +30,9 @@ def load_schema_data(args: DataArguments, image_size: int) -> tuple[Dataset | It
         return splits["train"], splits["eval"]
     if args.data_path is None:
         raise ValueError(f"--dataset {args.dataset}: --data_path is required")
+    if args.dataset == "webdataset":
+        return load_webdataset(args.data_path, seed=seed, shuffle_buffer=args.shuffle_buffer,
+                               skip_bad_samples=args.skip_bad_samples), None
     columns = {"image_column": args.image_column, "caption_column": args.caption_column}
     train = load_split(args.dataset, args.data_path, args.train_split, streaming=args.streaming,
                        skip_bad=args.skip_bad_samples, **columns)
@@ -41,11 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_args, data_args, train_args = parse_args(argv)
     set_seed(train_args.seed)
     start = time.time()
-    train_data, eval_data = load_schema_data(data_args, model_args.tiny_image_size)
+    train_data, eval_data = load_schema_data(data_args, model_args.tiny_image_size, train_args.seed)
+    # a stream is split per process: every process builds its vocabulary from the whole stream alike
+    whole = train_data.unsplit() if isinstance(train_data, WebDatasetStream) else train_data
     patch_align = model_args.family == "patch_align"
     if patch_align:
-        vocab = annotation_vocab(train_data)
-        model, processor = build_patch_align(model_args, data_args.task, corpus_of(train_data), vocab)
+        vocab = annotation_vocab(whole)
+        model, processor = build_patch_align(model_args, data_args.task, corpus_of(whole), vocab)
         pairs = to_pairs(train_data, data_args.task, annotations=True)
         heads = model.config.semantic_heads
         collator: ImageCollator = PatchAlignCollator(
@@ -56,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return patch_align_report(m, processor, eval_data, data_args.task, data_args.num_eval_images,
                                       data_args.max_new_tokens)
     else:
-        model, processor = build_merge_bridge(model_args, corpus_of(train_data))
+        model, processor = build_merge_bridge(model_args, corpus_of(whole))
         pairs = to_pairs(train_data, data_args.task)
         rows = eval_rows(eval_data, data_args.task, data_args.num_eval_images)
         collator = MergeBridgeCollator(processor, data_args.task, data_args.skip_bad_samples)
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     push, train_args.push_to_hub = train_args.push_to_hub, False  # pushed after everything is saved locally
     trainer = LeanTrainer(model=model, args=train_args, train_dataset=pairs, data_collator=collator,
                           processing_class=processor, callbacks=[CollatorEpoch(collator)] if patch_align else None)
+    if isinstance(pairs, WebDatasetStream):
+        trainer.add_callback(WebDatasetStateCallback(pairs))  # saves / restores the position of the stream it reads
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     out = Path(train_args.output_dir)
     final = model

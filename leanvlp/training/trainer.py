@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..checkpoints import CheckpointCompleteMarker, resolve_resume
+from ..data.webdataset import WebDatasetStream, webdataset_dataloader
 
 
 def is_loss_term(key: str) -> bool:
@@ -27,6 +28,12 @@ class LeanTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
         self.add_callback(CheckpointCompleteMarker())
+
+    def get_train_dataloader(self) -> Any:
+        """A WebDataset stream is split per process and worker already, so it is not accelerate-prepared."""
+        if isinstance(self.train_dataset, WebDatasetStream):
+            return webdataset_dataloader(self.train_dataset, self.args, self.data_collator)
+        return super().get_train_dataloader()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """As Trainer's, but resumes only from a complete checkpoint ("latest": the newest complete one)."""
