@@ -17,6 +17,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import leanvlp  # noqa: F401  (registers the Auto classes)
 from leanvlp.evaluation import (
@@ -231,12 +232,12 @@ class ColourWordLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
         colour = pixel_values.mean((2, 3)).argmax(-1)  # (B,): the dominant channel, red / green / blue
         features = torch.zeros(len(colour), 2, 2 * self.vocab)  # (B, M=2, C)
         for b, c in enumerate(colour.tolist()):
             features[b, :, self.vocab + self.colour_ids[c]] = 2.0
-        return features
+        return BaseModelOutputWithPooling(pooler_output=features)  # the visual prefix, as MergeBridge returns it
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         logits = inputs_embeds[..., self.vocab:].sum(1, keepdim=True).expand(-1, inputs_embeds.shape[1], -1)
