@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
-from transformers.processing_utils import MultiModalData, ProcessingKwargs, Unpack
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, TextKwargs, Unpack
 
 from .inputs import check_kwargs, check_texts, prepare_images, tokenizer_limit
 
@@ -179,6 +179,7 @@ class MergeBridgeProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         videos: Sequence[Sequence[Any]] | None = None,
         targets: str | Sequence[str] | None = None,
+        audio: None = None,
         **kwargs: Unpack[MergeBridgeProcessorKwargs],
     ) -> BatchFeature:
         """Tokenise prompts (with `<image>` expanded), process images or videos, and build labels for targets.
@@ -190,6 +191,8 @@ class MergeBridgeProcessor(ProcessorMixin):
         """
         if images is None and videos is None and text is None:
             raise ValueError("MergeBridgeProcessor: nothing to process; give images=, videos= and/or text=")
+        if audio is not None:
+            raise ValueError("MergeBridgeProcessor: audio is not supported")
         check_kwargs(kwargs, MergeBridgeProcessorKwargs, self.image_processor, "MergeBridgeProcessor")
         # the tokenizer's padding side is left out on purpose: the side follows the task (see the class docstring)
         tokenizer_init = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
@@ -199,6 +202,8 @@ class MergeBridgeProcessor(ProcessorMixin):
         return_mm_ids = text_kwargs.pop("return_mm_token_type_ids", None) or merged.get("return_mm_token_type_ids")
         return_offsets = (text_kwargs.pop("return_text_replacement_offsets", None)
                           or merged.get("return_text_replacement_offsets"))
+        # common_kwargs reach every modality; keys that are no text kwarg at all are the other modalities'
+        text_kwargs = {k: v for k, v in text_kwargs.items() if k in TextKwargs.__annotations__}
         unsupported = sorted(k for k, v in text_kwargs.items() if k not in _TEXT_KWARGS and v not in (None, False))
         if unsupported:
             raise ValueError(f"MergeBridgeProcessor: text kwargs {unsupported} are not supported")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
-from transformers.processing_utils import ProcessingKwargs, Unpack
+from transformers.processing_utils import ProcessingKwargs, TextKwargs, Unpack
 
 from .boxes import (
     geometry_from_image_processor,
@@ -93,6 +93,7 @@ class PatchAlignProcessor(ProcessorMixin):
         min_overlap: float = 0.0,
         max_length: int = 32,
         max_position_embeddings: int | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(patch_size, int) or patch_size < 1:
@@ -106,7 +107,7 @@ class PatchAlignProcessor(ProcessorMixin):
         self.min_overlap = min_overlap
         self.max_length = max_length
         self.max_position_embeddings = max_position_embeddings
-        super().__init__(image_processor, tokenizer, **kwargs)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self._check_max_length(max_length, "max_length")
 
     def _check_max_length(self, value: Any, field: str) -> None:
@@ -144,15 +145,21 @@ class PatchAlignProcessor(ProcessorMixin):
         box_labels: Sequence[Sequence[str] | None] | None = None,
         box_attributes: Sequence[Sequence[Sequence[str]] | None] | None = None,
         box_features: Sequence[Sequence[Sequence[float]] | None] | None = None,
+        videos: None = None,
+        audio: None = None,
         **kwargs: Unpack[PatchAlignProcessorKwargs],
     ) -> BatchFeature:
         """`pixel_values` from the images (RGB, whatever the image processor's `do_convert_rgb`), `input_ids` /
         `attention_mask` from the text, and the patch-level targets from the boxes."""
         if images is None and text is None:
             raise ValueError("PatchAlignProcessor: nothing to process; give images= and/or text=")
+        if videos is not None or audio is not None:
+            raise ValueError("PatchAlignProcessor: videos and audio are not supported")
         check_kwargs(kwargs, PatchAlignProcessorKwargs, self.image_processor, "PatchAlignProcessor")
         merged = self._merge_kwargs(PatchAlignProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        images_kwargs = merged["images_kwargs"]
+        # common_kwargs reach every modality; keys that are no text kwarg at all are the other modalities'
+        text_kwargs = {k: v for k, v in merged["text_kwargs"].items() if k in TextKwargs.__annotations__}
         for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             if text_kwargs.pop(key, None) or merged.get(key):
                 raise ValueError(f"PatchAlignProcessor: {key} is not supported (the text holds no image tokens)")
