@@ -11,7 +11,13 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from leanvlp import MergeBridgeConfig, MergeBridgeForConditionalGeneration, MergeBridgeProcessor, PatchAlignProcessor
+from leanvlp import (
+    MergeBridgeConfig,
+    MergeBridgeForConditionalGeneration,
+    MergeBridgeProcessor,
+    PatchAlignConfig,
+    PatchAlignProcessor,
+)
 from leanvlp.data.schema import to_rgb as data_to_rgb
 from leanvlp.processing.inputs import prepare_images, to_rgb
 from leanvlp.tiny import (
@@ -234,6 +240,8 @@ def test_pipeline_captions_an_image_only_chat(tmp_path):
     with torch.no_grad():
         expected = model.generate(**proc(images=[image]), max_new_tokens=4, do_sample=False)
     assert out[0]["generated_token_ids"].tolist() == expected[0].tolist()
+    plain = pipe(images=image, text="", max_new_tokens=4, return_tensors=True)  # the pipeline insists on a text
+    assert plain[0]["generated_token_ids"].tolist() == expected[0].tolist()
 
 
 # ----------------------------------------------------------------------------- token counts and offsets
@@ -351,3 +359,23 @@ def test_patch_align_max_length_beyond_the_text_encoder_fails_at_construction():
     with pytest.raises(ValueError, match=r"max_length=512 is larger .*model_max_length=128"):
         pa_processor(tokenizer, max_length=512, max_position_embeddings=None)
     assert pa_processor(tokenizer, max_length=128, max_position_embeddings=None).max_length == 128
+
+
+def test_patch_align_learns_the_position_limit_from_the_model_config(tmp_path):
+    tiny_image_processor(IMAGE).save_pretrained(tmp_path / "vision")
+    build_bert_word_tokenizer(CORPUS).save_pretrained(tmp_path / "text")  # model_max_length=512
+    config = PatchAlignConfig(
+        vision_config=dict(model_type="vit", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, image_size=IMAGE, patch_size=8),
+        text_config=dict(model_type="bert", vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=48),
+        cls_token_id=2, sep_token_id=3, mask_token_id=4, patch_detector=dict(layer=1, keep_ratio=0.5))
+    with pytest.raises(ValueError, match=r"max_length=64 is larger .*max_position_embeddings=48"):
+        PatchAlignProcessor.from_vision_text_pretrained(str(tmp_path / "vision"), str(tmp_path / "text"),
+                                                        config=config, max_length=64)
+    proc = PatchAlignProcessor.from_vision_text_pretrained(str(tmp_path / "vision"), str(tmp_path / "text"),
+                                                           config=config)
+    proc.save_pretrained(tmp_path / "saved")
+    assert PatchAlignProcessor.from_pretrained(tmp_path / "saved").max_position_embeddings == 48
+    with pytest.raises(ValueError, match=r"max_length=49 is larger .*max_position_embeddings=48"):
+        proc(text=["a red circle"], max_length=49)
