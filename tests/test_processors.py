@@ -351,6 +351,16 @@ def test_merge_bridge_target_errors_name_counts_and_index():
         proc(videos=[images(2), [None, images(1)[0]]], text=["", ""])
 
 
+def test_patch_align_refuses_geometry_kwargs_with_boxes():
+    proc = pa_processor(object_classes=["circle"])
+    boxes = dict(boxes=[[[0, 0, 10, 10]]], box_labels=[["circle"]])
+    assert proc(images=images(1), text=["a circle"], **boxes)["patch_labels"].shape == (1, (IMAGE // 8) ** 2)
+    resized = proc(images=images(1), text=["a circle"], size={"height": 64, "width": 64})["pixel_values"]
+    assert resized.shape[-2:] == (64, 64)  # without boxes the kwarg simply reaches the image processor
+    with pytest.raises(ValueError, match=r"image kwargs \['size'\] change the resize / crop geometry"):
+        proc(images=images(1), text=["a circle"], size={"height": 64, "width": 64}, **boxes)
+
+
 def test_patch_align_max_length_beyond_the_text_encoder_fails_at_construction():
     with pytest.raises(ValueError, match=r"max_length=512 is larger .*max_position_embeddings=64"):
         pa_processor(max_length=512)

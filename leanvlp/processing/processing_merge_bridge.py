@@ -30,7 +30,10 @@ def default_chat_template(image_token: str, prompt_templates: dict[str, str]) ->
     (or video) part, then the VQA template around the turn's text, or the caption template when it has none;
     an assistant turn is its text (space-prefixed, EOS-terminated) as the processor appends targets."""
     pre, _, post = prompt_templates["vqa"].partition("{question}")
-    lit = lambda s: json.dumps(s, ensure_ascii=False)  # noqa: E731 - a JSON string is a Jinja string literal
+
+    def lit(value: str) -> str:
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+
     return (
         "{%- for message in messages -%}"
         "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
@@ -166,8 +169,8 @@ class MergeBridgeProcessor(ProcessorMixin):
             return None, None
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             flat = list(images)  # (B, ...) batch
-        elif isinstance(images, (list, tuple)) or (hasattr(images, "__len__") and not hasattr(images, "mode")
-                                                    and not isinstance(images, (str, np.ndarray, torch.Tensor))):
+        elif not isinstance(images, (str, np.ndarray, torch.Tensor)) and hasattr(images, "__len__"):
+            # lists, tuples, datasets columns; a nested list holds one sample's images (a PIL image has no len)
             flat = [x for sample in images for x in (sample if isinstance(sample, (list, tuple)) else [sample])]
         else:
             flat = [images]

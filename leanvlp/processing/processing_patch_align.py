@@ -170,7 +170,7 @@ class PatchAlignProcessor(ProcessorMixin):
             raise ValueError(f"PatchAlignProcessor: only return_tensors='pt' is supported, got {return_tensors!r}")
         data: dict[str, Any] = {}
         if images is not None:
-            single = hasattr(images, "size") and hasattr(images, "mode") or (
+            single = isinstance(images, str) or hasattr(images, "size") and hasattr(images, "mode") or (
                 isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
             )
             images = [images] if single else list(images)  # lists, tuples, datasets columns, (B, ...) arrays
