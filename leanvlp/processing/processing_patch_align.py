@@ -150,7 +150,10 @@ class PatchAlignProcessor(ProcessorMixin):
         **kwargs: Unpack[PatchAlignProcessorKwargs],
     ) -> BatchFeature:
         """`pixel_values` from the images (RGB, whatever the image processor's `do_convert_rgb`), `input_ids` /
-        `attention_mask` from the text, and the patch-level targets from the boxes."""
+        `attention_mask` from the text, and the patch-level targets from the boxes.
+
+        Images and texts may differ in number (the retrieval head scores every image against every text); with
+        boxes they are pairs, and unequal counts are an error naming both."""
         if images is None and text is None:
             raise ValueError("PatchAlignProcessor: nothing to process; give images= and/or text=")
         if videos is not None or audio is not None:
@@ -178,8 +181,6 @@ class PatchAlignProcessor(ProcessorMixin):
         if text is not None:
             text = [text] if isinstance(text, str) else list(text)
             check_texts(text, "PatchAlignProcessor", "text")
-        if images is not None and text is not None and len(images) != len(text):
-            raise ValueError(f"PatchAlignProcessor: {len(images)} images but {len(text)} texts; give one text per image")
         if boxes is not None:
             if images is None or text is None:
                 raise ValueError("PatchAlignProcessor: boxes need images= (for the geometry) and text= (for relevance)")
