@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, TextKwargs, Unpack
+
+from .inputs import check_kwargs, check_texts, prepare_images, tokenizer_limit
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATES = {"caption": "", "vqa": "Question: {question} Short answer:"}
+# text kwargs the processor honours itself (it tokenises sample by sample to place labels and image tokens)
+_TEXT_KWARGS = {"padding", "max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask",
+                "return_tensors", "add_special_tokens", "truncation", "verbose"}
+
+
+class MergeBridgeProcessorKwargs(ProcessingKwargs, total=False):
+    # return_tensors per modality, not in `common_kwargs`: 5.18 updates a `_defaults["common_kwargs"]` dict in place
+    _defaults = {"text_kwargs": {"padding": True, "return_tensors": "pt"}, "images_kwargs": {"return_tensors": "pt"}}
+
+
+def default_chat_template(image_token: str, prompt_templates: dict[str, str]) -> str:
+    """A Jinja chat template that renders a user turn exactly as `build_prompt` does: one `image_token` per image
+    (or video) part, then the VQA template around the turn's text, or the caption template when it has none;
+    an assistant turn is its text (space-prefixed, EOS-terminated) as the processor appends targets."""
+    pre, _, post = prompt_templates["vqa"].partition("{question}")
+
+    def lit(value: str) -> str:
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+        "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+        "{%- set words = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- for part in parts if part['type'] in ('image', 'video') -%}{{ " + lit(image_token) + " }}{%- endfor -%}"
+        "{%- if words | trim -%}{{ " + lit(pre) + " ~ words ~ " + lit(post) + " }}"
+        "{%- else -%}{{ " + lit(prompt_templates["caption"]) + " }}{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' ~ (words | trim) ~ eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
 
 class MergeBridgeProcessor(ProcessorMixin):
@@ -23,15 +59,28 @@ class MergeBridgeProcessor(ProcessorMixin):
     on image, prompt and padding positions (loss on the target only), padding on the right. Without targets it
     pads on the left, ready for `generate()`.
 
+    Keyword arguments follow transformers' `ProcessingKwargs`: flat (`padding=`, `max_length=`, `do_rescale=` ...),
+    per modality (`text_kwargs=`, `images_kwargs=`, `videos_kwargs=`) or `common_kwargs=`, with precedence
+    call > modality dict > common > tokenizer init > class defaults. The padding side is the exception: it follows
+    the task (left for generation, right with targets) unless a call asks otherwise, never the tokenizer's own
+    `padding_side` (a right-padding LLM tokenizer would break batched generation). `max_length` bounds a call's
+    sequences (and is the length `padding="max_length"` pads to); it cannot exceed the processor's `max_length`,
+    the LLM context. Sequences are never truncated: that would cut image tokens or targets.
+
     Args:
         image_processor: The vision tower's image processor (a PIL-backed one; torchvision is not needed).
         tokenizer: The LLM tokenizer; it must know `image_token` (see `from_vision_text_pretrained`).
         num_image_tokens (`int`): Visual tokens per image, `MergeBridgeConfig.num_image_tokens`.
         image_token (`str`, defaults to `"<image>"`): The placeholder.
         max_length (`int`, *optional*): The LLM context; longer inputs are an error, not a silent truncation.
+            Defaults to the tokenizer's `model_max_length` when that is a real size.
         prompt_templates (`dict`, *optional*): Prompt per task; defaults to captioning `""` and VQA
             `"Question: {question} Short answer:"` (EVLGen's).
+        chat_template (`str`, *optional*): Defaults to `default_chat_template(image_token, prompt_templates)`, so
+            `apply_chat_template` gives `build_prompt`'s prompts; saved as `chat_template.jinja`.
     """
+
+    valid_processor_kwargs = MergeBridgeProcessorKwargs
 
     def __init__(
         self,
@@ -41,15 +90,20 @@ class MergeBridgeProcessor(ProcessorMixin):
         image_token: str = "<image>",
         max_length: int | None = None,
         prompt_templates: dict[str, str] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"MergeBridgeProcessor: num_image_tokens must be a positive int, got {num_image_tokens!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"MergeBridgeProcessor: max_length must be a positive int, got {max_length!r}")
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
-        self.max_length = max_length
         self.prompt_templates = dict(prompt_templates or PROMPT_TEMPLATES)
-        super().__init__(image_processor, tokenizer, **kwargs)
+        if chat_template is None:
+            chat_template = default_chat_template(image_token, self.prompt_templates)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.max_length = max_length if max_length is not None else tokenizer_limit(self.tokenizer)
         if image_token not in self.tokenizer.get_vocab():
             raise ValueError(
                 f"MergeBridgeProcessor: the tokenizer has no token {image_token!r}; build the processor with "
@@ -84,22 +138,43 @@ class MergeBridgeProcessor(ProcessorMixin):
             raise ValueError(f"MergeBridgeProcessor: unknown task {task!r}; known: {sorted(self.prompt_templates)}")
         return self.image_token + self.prompt_templates[task].format(**fields)
 
-    def _pixel_values(self, images: Any, videos: Any) -> torch.Tensor:
+    def _get_num_multimodal_tokens(
+        self, image_sizes: Sequence[Sequence[int]] | None = None, video_sizes: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> MultiModalData:
+        """Tokens one `<image>` expands into, per image / video of the given (height, width) or (frames, height,
+        width): always `num_image_tokens`, since the merging schedule fixes the count before the forward pass."""
+        data: dict[str, list[int]] = {}
+        if image_sizes is not None:
+            data.update(num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None:
+            data["num_video_tokens"] = [self.num_image_tokens] * len(video_sizes)
+        return MultiModalData(**data)
+
+    def _visual_inputs(self, images: Any, videos: Any) -> tuple[list[Any] | None, list[list[Any]] | None]:
+        """Flat list of RGB images (one per placeholder) or list of RGB frame lists; a bad one named by index."""
         if videos is not None:
             if images is not None:
                 raise ValueError("MergeBridgeProcessor: pass images= or videos=, not both")
+            clips = []
             for i, clip in enumerate(videos):
-                if len(clip) == 0:
+                if clip is None or len(clip) == 0:
                     raise ValueError(f"MergeBridgeProcessor: video {i} has zero frames")
-            lengths = {len(clip) for clip in videos}
+                clips.append(prepare_images(list(clip), self.image_processor, "MergeBridgeProcessor", f"video {i} frame"))
+            lengths = {len(clip) for clip in clips}
             if len(lengths) != 1:
                 raise ValueError(f"MergeBridgeProcessor: videos in a batch need equal frame counts, got {sorted(lengths)}")
-            frames = [frame for clip in videos for frame in clip]
-            pixels = self.image_processor(frames, return_tensors="pt")["pixel_values"]  # (B*T, C, H, W)
-            return pixels.view(len(videos), lengths.pop(), *pixels.shape[1:])  # (B, T, C, H, W)
-        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
-            images = [image for sample in images for image in sample]  # one image per prompt placeholder
-        return self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, C, H, W)
+            return None, clips
+        if images is None:
+            return None, None
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            flat = list(images)  # (B, ...) batch
+        elif not isinstance(images, (str, np.ndarray, torch.Tensor)) and hasattr(images, "__len__"):
+            # lists, tuples, datasets columns; a nested list holds one sample's images (a PIL image has no len)
+            flat = [x for sample in images for x in (sample if isinstance(sample, (list, tuple)) else [sample])]
+        else:
+            flat = [images]
+        return prepare_images(flat, self.image_processor, "MergeBridgeProcessor"), None
 
     def __call__(
         self,
@@ -107,29 +182,56 @@ class MergeBridgeProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         videos: Sequence[Sequence[Any]] | None = None,
         targets: str | Sequence[str] | None = None,
-        return_tensors: str = "pt",
-        padding: bool | str = True,
-        **kwargs: Any,
+        audio: None = None,
+        **kwargs: Unpack[MergeBridgeProcessorKwargs],
     ) -> BatchFeature:
         """Tokenise prompts (with `<image>` expanded), process images or videos, and build labels for targets.
 
-        Prompts without any `<image>` get one prepended when images/videos are given (PaliGemma-style).
-        A batch is always padded to its longest sequence (`padding` is accepted for pipeline compatibility).
+        Prompts without any `<image>` get one prepended when images/videos are given (PaliGemma-style); with
+        images but no text every sample gets the caption prompt. `return_mm_token_type_ids=True` adds
+        `mm_token_type_ids` (1 on image tokens) and `return_text_replacement_offsets=True` the character spans of
+        each expanded placeholder (transformers' format).
         """
-        if kwargs:
-            raise TypeError(f"MergeBridgeProcessor got unexpected arguments: {sorted(kwargs)}")
         if images is None and videos is None and text is None:
-            raise ValueError("MergeBridgeProcessor: give images=, videos= or text=")
-        num_visual = 0 if images is None and videos is None else (len(videos) if videos is not None else _count(images))
+            raise ValueError("MergeBridgeProcessor: nothing to process; give images=, videos= and/or text=")
+        if audio is not None:
+            raise ValueError("MergeBridgeProcessor: audio is not supported")
+        check_kwargs(kwargs, MergeBridgeProcessorKwargs, self.image_processor, "MergeBridgeProcessor")
+        # the tokenizer's padding side is left out on purpose: the side follows the task (see the class docstring)
+        tokenizer_init = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
+        merged = self._merge_kwargs(MergeBridgeProcessorKwargs, tokenizer_init_kwargs=tokenizer_init, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        # transformers 5.18 has these as text kwargs, 5.24 as flat ones (mirrored into text_kwargs)
+        return_mm_ids = text_kwargs.pop("return_mm_token_type_ids", None) or merged.get("return_mm_token_type_ids")
+        return_offsets = (text_kwargs.pop("return_text_replacement_offsets", None)
+                          or merged.get("return_text_replacement_offsets"))
+        # common_kwargs reach every modality; keys that are no text kwarg at all are the other modalities'
+        text_kwargs = {k: v for k, v in text_kwargs.items() if k in TextKwargs.__annotations__}
+        unsupported = sorted(k for k, v in text_kwargs.items() if k not in _TEXT_KWARGS and v not in (None, False))
+        if unsupported:
+            raise ValueError(f"MergeBridgeProcessor: text kwargs {unsupported} are not supported")
+        if text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
+            raise ValueError("MergeBridgeProcessor: truncation is not supported (it would cut image tokens or targets); "
+                             "inputs longer than max_length are an error")
+        max_length = self._call_max_length(text_kwargs.get("max_length"))
+
+        flat_images, clips = self._visual_inputs(images, videos)
+        visual = flat_images if clips is None else clips
+        num_visual = 0 if visual is None else len(visual)
         if text is None:
             text = [self.prompt_templates["caption"]] * num_visual
         prompts = [text] if isinstance(text, str) else list(text)
+        check_texts(prompts, "MergeBridgeProcessor", "text")
         if targets is not None:
             targets = [targets] if isinstance(targets, str) else list(targets)
             if len(targets) != len(prompts):
                 raise ValueError(f"MergeBridgeProcessor: {len(targets)} targets for {len(prompts)} prompts")
+            check_texts(targets, "MergeBridgeProcessor", "targets")
         placeholders = sum(p.count(self.image_token) for p in prompts)
         if num_visual and placeholders == 0:
+            if num_visual != len(prompts):
+                raise ValueError(f"MergeBridgeProcessor: {num_visual} images/videos for {len(prompts)} text prompts "
+                                 f"without {self.image_token!r}; give one per prompt or place the placeholders")
             prompts = [self.image_token + p for p in prompts]
             placeholders = len(prompts)
         if placeholders != num_visual:
@@ -137,37 +239,95 @@ class MergeBridgeProcessor(ProcessorMixin):
                 f"MergeBridgeProcessor: {num_visual} images/videos but {placeholders} {self.image_token!r} "
                 "placeholders in text; give one image per placeholder"
             )
-        expanded = [p.replace(self.image_token, self.image_token * self.num_image_tokens) for p in prompts]
+        replacement = self.image_token * self.num_image_tokens
+        expanded, offsets = self.get_text_with_replacements(list(prompts), [replacement] * placeholders)
+        sequences, label_rows = self._tokenize(expanded, targets, max_length, text_kwargs.get("add_special_tokens"))
+        side = text_kwargs.get("padding_side") or ("left" if targets is None else "right")
+        data = self._pad(sequences, label_rows if targets is not None else None, text_kwargs, max_length, side)
+        if return_mm_ids:
+            types = self.create_mm_token_type_ids(data["input_ids"])  # 1 on image tokens, 0 elsewhere
+            data["mm_token_type_ids"] = np.array(types, dtype=np.int64) if isinstance(data["input_ids"], np.ndarray) else types
+        if return_offsets:
+            data["text_replacement_offsets"] = offsets
+        if flat_images is not None:
+            data["pixel_values"] = self.image_processor(flat_images, **images_kwargs)["pixel_values"]  # (B, C, H, W)
+        elif clips is not None:
+            frames = [frame for clip in clips for frame in clip]
+            pixels = self.image_processor(frames, **{**images_kwargs, "return_tensors": "pt"})["pixel_values"]
+            data["pixel_values"] = pixels.view(len(clips), len(clips[0]), *pixels.shape[1:])  # (B, T, C, H, W)
+        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"),
+                            skip_tensor_conversion=["text_replacement_offsets"])
+
+    def _call_max_length(self, requested: int | None) -> int | None:
+        """The bound of this call: the requested `max_length`, which may not exceed the LLM context."""
+        if requested is None:
+            return self.max_length
+        if self.max_length is not None and requested > self.max_length:
+            raise ValueError(f"MergeBridgeProcessor: max_length={requested} is larger than the LLM context "
+                             f"(the processor's max_length={self.max_length})")
+        return requested
+
+    def _tokenize(self, expanded: list[str], targets: list[str] | None, max_length: int | None,
+                  add_special: bool | None) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids per sample (BOS unless `add_special_tokens=False`, prompt, then target + EOS) and labels that
+        are -100 everywhere but on the target."""
         tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None and add_special is not False else []
         sequences, label_rows = [], []
         for i, prompt in enumerate(expanded):
-            ids = _bos(tok) + tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = bos + tok(prompt, add_special_tokens=False)["input_ids"]
             labels = [IGNORE_INDEX] * len(ids)
             if targets is not None:
                 target_ids = tok(" " + targets[i].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 ids, labels = ids + target_ids, labels + target_ids
-            if self.max_length is not None and len(ids) > self.max_length:
+            if max_length is not None and len(ids) > max_length:
                 raise ValueError(
                     f"MergeBridgeProcessor: sample {i} is {len(ids)} tokens (with {self.num_image_tokens} image "
-                    f"tokens per image), longer than the LLM context max_length={self.max_length}"
+                    f"tokens per image), longer than the LLM context max_length={max_length}"
                 )
             sequences.append(ids)
             label_rows.append(labels)
-        left = targets is None  # left padding for generation, right padding for training
-        width = max(len(s) for s in sequences)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
-        labels = np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)
-        for i, (ids, lab) in enumerate(zip(sequences, label_rows)):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[i, span], attention_mask[i, span], labels[i, span] = ids, 1, lab
-        data: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
-        if targets is not None:
-            data["labels"] = torch.from_numpy(labels)
-        if num_visual:
-            data["pixel_values"] = self._pixel_values(images, videos)
-        return BatchFeature(data, tensor_type=return_tensors)
+        return sequences, label_rows
+
+    def _pad(self, sequences: list[list[int]], label_rows: list[list[int]] | None, text_kwargs: dict[str, Any],
+             max_length: int | None, side: str) -> dict[str, Any]:
+        """`input_ids`, `attention_mask` (and `labels`) padded as `padding` / `pad_to_multiple_of` ask."""
+        padding = text_kwargs.get("padding")
+        lengths = [len(s) for s in sequences]
+        if padding in (False, None, "do_not_pad"):
+            if len(set(lengths)) > 1 and text_kwargs.get("return_tensors") is not None:
+                raise ValueError(f"MergeBridgeProcessor: padding=False with samples of {sorted(set(lengths))} tokens "
+                                 "cannot make tensors; pad or pass return_tensors=None")
+            width = None
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("MergeBridgeProcessor: padding='max_length' needs max_length")
+            width = max_length
+        else:  # True / "longest"
+            width = max(lengths)
+        multiple = text_kwargs.get("pad_to_multiple_of")
+        if width is not None and multiple:
+            width = -(-width // multiple) * multiple
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for i, ids in enumerate(sequences):
+            extra = 0 if width is None else width - len(ids)
+            labels = label_rows[i] if label_rows is not None else []
+
+            def padded(row: list[int], fill: int) -> list[int]:
+                return [fill] * extra + row if side == "left" else row + [fill] * extra
+
+            rows["input_ids"].append(padded(ids, pad_id))
+            rows["attention_mask"].append(padded([1] * len(ids), 0))
+            rows["labels"].append(padded(labels, IGNORE_INDEX))
+        data: dict[str, Any] = {"input_ids": rows["input_ids"]}
+        if text_kwargs.get("return_attention_mask") is not False:
+            data["attention_mask"] = rows["attention_mask"]
+        if label_rows is not None:
+            data["labels"] = rows["labels"]
+        if width is not None:
+            data = {k: np.array(v, dtype=np.int64) for k, v in data.items()}  # (B, T)
+        return data
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -188,16 +348,5 @@ def add_special_tokens(tokenizer: Any, image_token: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _bos(tokenizer: Any) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
-def _count(images: Any) -> int:
-    if isinstance(images, (list, tuple)):
-        return sum(len(x) if isinstance(x, (list, tuple)) else 1 for x in images)
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return images.shape[0]
-    return 1
-
-
-__all__ = ["MergeBridgeProcessor", "add_special_tokens", "IGNORE_INDEX", "PROMPT_TEMPLATES"]
+__all__ = ["MergeBridgeProcessor", "MergeBridgeProcessorKwargs", "add_special_tokens", "default_chat_template",
+           "IGNORE_INDEX", "PROMPT_TEMPLATES"]

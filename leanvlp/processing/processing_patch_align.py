@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, TextKwargs, Unpack
 
 from .boxes import (
     geometry_from_image_processor,
@@ -17,10 +18,20 @@ from .boxes import (
     transform_boxes,
     validate_boxes,
 )
+from .inputs import check_kwargs, check_texts, prepare_images, tokenizer_limit
 
-__all__ = ["PatchAlignProcessor"]
+__all__ = ["PatchAlignProcessor", "PatchAlignProcessorKwargs"]
 
 IGNORE_INDEX = -100
+# image kwargs that change the resize / crop geometry the boxes are mapped with (read from the image processor)
+_GEOMETRY_KWARGS = ("size", "crop_size", "do_resize", "do_center_crop", "do_pad", "pad_size", "default_to_square")
+
+
+class PatchAlignProcessorKwargs(ProcessingKwargs, total=False):
+    # return_tensors per modality, not in `common_kwargs`: 5.18 updates a `_defaults["common_kwargs"]` dict in place;
+    # max_length's default is the processor's own `max_length` (an instance value, set in `__call__`)
+    _defaults = {"text_kwargs": {"padding": True, "truncation": True, "return_tensors": "pt"},
+                 "images_kwargs": {"return_tensors": "pt"}}
 
 
 def _image_hw(image: Any) -> tuple[int, int]:
@@ -56,8 +67,20 @@ class PatchAlignProcessor(ProcessorMixin):
         synonyms (`dict[str, list[str]]`, *optional*): extra caption words that make a category text-relevant.
         min_overlap (`float`, defaults to 0.0): minimum fraction of a patch a box must cover to mark it
             (0.0 = any positive-area overlap).
-        max_length (`int`, defaults to 32): text truncation length.
+        max_length (`int`, defaults to 32): text truncation length: the default of the standard `max_length`
+            text kwarg (a call's `max_length=` / `text_kwargs=` override it).
+        max_position_embeddings (`int`, *optional*): the text encoder's positions; a `max_length` above it (here or
+            in a call) is an error, not a crash in the position embedding. `from_vision_text_pretrained(config=)`
+            sets it; otherwise the tokenizer's `model_max_length`, when that is a real size, is the bound.
+        chat_template (`str`, *optional*): kept, saved as `chat_template.jinja` and reloaded (none by default:
+            PatchAlign has no prompt format).
+
+    Keyword arguments follow transformers' `ProcessingKwargs` (flat, per modality, `common_kwargs=`; precedence
+    call > modality dict > common > tokenizer init > class defaults). With boxes, the image kwargs that change the
+    resize / crop geometry are refused: the boxes follow the image processor's own settings.
     """
+
+    valid_processor_kwargs = PatchAlignProcessorKwargs
 
     def __init__(
         self,
@@ -69,6 +92,8 @@ class PatchAlignProcessor(ProcessorMixin):
         synonyms: dict[str, list[str]] | None = None,
         min_overlap: float = 0.0,
         max_length: int = 32,
+        max_position_embeddings: int | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(patch_size, int) or patch_size < 1:
@@ -81,7 +106,21 @@ class PatchAlignProcessor(ProcessorMixin):
         self.synonyms = dict(synonyms or {})
         self.min_overlap = min_overlap
         self.max_length = max_length
-        super().__init__(image_processor, tokenizer, **kwargs)
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self._check_max_length(max_length, "max_length")
+
+    def _check_max_length(self, value: Any, field: str) -> None:
+        """`value` must fit the text encoder: at most `max_position_embeddings` (else the tokenizer's limit)."""
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"PatchAlignProcessor: {field} must be a positive int, got {value!r}")
+        if self.max_position_embeddings is not None:
+            limit, name = self.max_position_embeddings, "max_position_embeddings"
+        else:
+            limit, name = tokenizer_limit(self.tokenizer), "the tokenizer's model_max_length"
+        if limit is not None and value > limit:
+            raise ValueError(f"PatchAlignProcessor: {field}={value} is larger than the text encoder's positions "
+                             f"({name}={limit})")
 
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, config: Any = None, **kwargs: Any) -> "PatchAlignProcessor":
@@ -92,6 +131,7 @@ class PatchAlignProcessor(ProcessorMixin):
         image_processor = AutoImageProcessor.from_pretrained(vision, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(text)
         if config is not None:
+            kwargs.setdefault("max_position_embeddings", config.text_config.max_position_embeddings)
             kwargs.setdefault("patch_size", config.vision_config.patch_size)
             kwargs.setdefault("object_classes", config.object_classes)
             kwargs.setdefault("attributes", config.attributes)
@@ -105,26 +145,54 @@ class PatchAlignProcessor(ProcessorMixin):
         box_labels: Sequence[Sequence[str] | None] | None = None,
         box_attributes: Sequence[Sequence[Sequence[str]] | None] | None = None,
         box_features: Sequence[Sequence[Sequence[float]] | None] | None = None,
-        return_tensors: str = "pt",
-        **kwargs: Any,
+        videos: None = None,
+        audio: None = None,
+        **kwargs: Unpack[PatchAlignProcessorKwargs],
     ) -> BatchFeature:
-        if kwargs:
-            raise TypeError(f"PatchAlignProcessor got unexpected arguments: {sorted(kwargs)}")
-        if return_tensors != "pt":
+        """`pixel_values` from the images (RGB, whatever the image processor's `do_convert_rgb`), `input_ids` /
+        `attention_mask` from the text, and the patch-level targets from the boxes.
+
+        Images and texts may differ in number (the retrieval head scores every image against every text); with
+        boxes they are pairs, and unequal counts are an error naming both."""
+        if images is None and text is None:
+            raise ValueError("PatchAlignProcessor: nothing to process; give images= and/or text=")
+        if videos is not None or audio is not None:
+            raise ValueError("PatchAlignProcessor: videos and audio are not supported")
+        check_kwargs(kwargs, PatchAlignProcessorKwargs, self.image_processor, "PatchAlignProcessor")
+        merged = self._merge_kwargs(PatchAlignProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        images_kwargs = merged["images_kwargs"]
+        # common_kwargs reach every modality; keys that are no text kwarg at all are the other modalities'
+        text_kwargs = {k: v for k, v in merged["text_kwargs"].items() if k in TextKwargs.__annotations__}
+        for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
+            if text_kwargs.pop(key, None) or merged.get(key):
+                raise ValueError(f"PatchAlignProcessor: {key} is not supported (the text holds no image tokens)")
+        text_kwargs.setdefault("max_length", self.max_length)
+        self._check_max_length(text_kwargs["max_length"], "max_length")
+        return_tensors = text_kwargs.get("return_tensors")
+        if return_tensors != "pt" or images_kwargs.get("return_tensors") != "pt":
             raise ValueError(f"PatchAlignProcessor: only return_tensors='pt' is supported, got {return_tensors!r}")
         data: dict[str, Any] = {}
         if images is not None:
-            single = hasattr(images, "size") and hasattr(images, "mode") or (
+            single = isinstance(images, str) or hasattr(images, "size") and hasattr(images, "mode") or (
                 isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
             )
             images = [images] if single else list(images)  # lists, tuples, datasets columns, (B, ...) arrays
-            data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            images = prepare_images(images, self.image_processor, "PatchAlignProcessor")
         if text is not None:
             text = [text] if isinstance(text, str) else list(text)
-            data.update(self.tokenizer(text, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"))
+            check_texts(text, "PatchAlignProcessor", "text")
         if boxes is not None:
             if images is None or text is None:
                 raise ValueError("PatchAlignProcessor: boxes need images= (for the geometry) and text= (for relevance)")
+            changed = sorted(k for k in _GEOMETRY_KWARGS if k in images_kwargs)
+            if changed:
+                raise ValueError(f"PatchAlignProcessor: image kwargs {changed} change the resize / crop geometry, which "
+                                 "the boxes cannot follow; set them on the image processor instead")
+        if images is not None:
+            data["pixel_values"] = self.image_processor(images, **images_kwargs)["pixel_values"]  # (B, C, H, W)
+        if text is not None:
+            data.update(self.tokenizer(text, **text_kwargs))  # (B, L)
+        if boxes is not None:
             data.update(self._box_targets(images, text, boxes, box_labels, box_attributes, box_features))
         return BatchFeature(data=data)
 
