@@ -178,7 +178,8 @@ def build_patch_align(args: ModelArguments, task: str, corpus: Sequence[str], vo
         processor = PatchAlignProcessor(tiny_image_processor(args.tiny_image_size), tokenizer,
                                         patch_size=args.tiny_patch_size, object_classes=vocab.object_classes,
                                         attributes=vocab.attributes, synonyms=plural_synonyms(vocab.object_classes),
-                                        max_length=64)
+                                        max_length=64,
+                                        max_position_embeddings=config.text_config.max_position_embeddings)
     # Every head's remote-code entry (not only the saved class's), so the card's AutoModelForImageTextToText
     # snippet loads a pretraining checkpoint without leanvlp installed; save_pretrained keeps existing entries.
     model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}),
