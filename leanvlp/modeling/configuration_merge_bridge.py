@@ -71,6 +71,14 @@ class MergeBridgeConfig(PretrainedConfig):
         vision_merging (`dict`, *optional*):
             [`TokenMergingConfig`] inside the vision tower itself (defaults to r=0: no merging). Videos of more than
             one frame need r=0 here: each frame would merge different token groups before the frame mean.
+
+            Text-guided merging: `protect_relevant` > 0 in either merging config keeps, in every merging block, up to
+            that many tokens most relevant to the prompt out of the matching (see [`TokenMergingConfig`]). The text
+            is the prompt after the `<image>` block (the question for VQA; never the target tokens, which carry
+            labels); a prompt without text (captioning) merges plainly. Relevance is parameter-free: each token
+            taken through the model's own linear route into the LLM width (bridge `input_norm` -> `input_proj` ->
+            `output_proj`, skipping the transformer blocks) is compared by cosine with the mean LLM input embedding
+            of the prompt's text tokens. Token counts do not change (the processor's `<image>` expansion holds).
         vision_feature_layer (`int`, *optional*, defaults to -1):
             Which tower layer the bridge reads, indexed like the tower's `hidden_states` (1..L, or -1 = last,
             -2 = penultimate...; the embeddings, index 0, are not a choice). `from_vision_text_pretrained` uses -2,
@@ -172,6 +180,19 @@ class MergeBridgeConfig(PretrainedConfig):
         # Validate both schedules against their depths now, not deep inside a forward pass.
         self.bridge_merging_config.schedule(self.bridge_config.num_hidden_layers)
         self.vision_merging_config.schedule(self.vision_config.num_hidden_layers)
+        self._check_guidance()
+
+    def _check_guidance(self) -> None:
+        """Text-guided merging must leave every merging block its r: checked per stack against its token count."""
+        stacks = (("vision_merging", self.vision_merging_config, self.num_vision_tokens,
+                   self.vision_config.num_hidden_layers),
+                  ("bridge_merging", self.bridge_merging_config, self.num_bridge_input_tokens,
+                   self.bridge_config.num_hidden_layers))
+        for field, merging, tokens, layers in stacks:
+            try:
+                merging.check_protect_relevant(tokens, layers)
+            except ValueError as err:
+                raise ValueError(f"MergeBridgeConfig.{field}: {err}") from None
 
     def _check_vision_features(self) -> None:
         layers, layer = self.vision_config.num_hidden_layers, self.vision_feature_layer
@@ -213,6 +234,22 @@ class MergeBridgeConfig(PretrainedConfig):
     def vision_merges_tokens(self) -> bool:
         """Whether the tower itself merges tokens in any layer."""
         return any(self.vision_merging_config.schedule(self.vision_config.num_hidden_layers))
+
+    @property
+    def bridge_text_guided(self) -> bool:
+        """Whether the bridge merges with text guidance (`protect_relevant` > 0 and some r > 0)."""
+        merging = self.bridge_merging_config
+        return merging.protect_relevant > 0 and any(merging.schedule(self.bridge_config.num_hidden_layers))
+
+    @property
+    def vision_text_guided(self) -> bool:
+        """Whether the tower merges with text guidance (`protect_relevant` > 0 and some r > 0)."""
+        return self.vision_merging_config.protect_relevant > 0 and self.vision_merges_tokens
+
+    @property
+    def text_guided(self) -> bool:
+        """Whether any merging reads the prompt: the model then embeds the prompt's text for relevance."""
+        return self.bridge_text_guided or self.vision_text_guided
 
     @property
     def num_vision_tokens(self) -> int:
