@@ -72,7 +72,8 @@ def test_derived_visual_token_count_evlgen_default():
     config = MergeBridgeConfig()  # CLIP ViT-L/14 @224 -> 257 tokens, 12 bridge layers, r = 19
     assert config.num_vision_tokens == 257
     assert config.num_image_tokens == 29
-    assert config.bridge_merging == {"r": 19, "mode": "mean", "prop_attn": False, "protected": 1}
+    assert config.bridge_merging == {"r": 19, "mode": "mean", "prop_attn": False, "protected": 1,
+                                     "unmerged_order": "tome", "protect_relevant": 0}
 
 
 @pytest.mark.parametrize(

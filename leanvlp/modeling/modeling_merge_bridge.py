@@ -11,8 +11,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_merge_bridge import MergeBridgeConfig
-from .semantic_heads import IGNORE_INDEX
+from .configuration_merge_bridge import HEAD_NAMES, VISION_LEADING_TOKENS, MergeBridgeConfig
+from .semantic_heads import IGNORE_INDEX, SemanticHeads
 from .temporal_merging import TemporalTokenMerging
 from .token_merging import (
     BertLayerAdapter,
@@ -55,10 +55,12 @@ class MergeBridgeModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class MergeBridgeOutput(CausalLMOutputWithPast):
-    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss): the LLM's
-    fields, then `image_outputs` ([`MergeBridgeImageOutput`]) when pixels were given."""
+    """Output of [`MergeBridgeForConditionalGeneration`]: the LLM's fields, then `image_outputs`
+    ([`MergeBridgeImageOutput`]) when pixels were given. `loss` is the caption/answer LM loss plus the weighted
+    semantic-head losses when those heads are on and given targets; `semantic_losses` holds each head's loss."""
 
     image_outputs: MergeBridgeImageOutput | None = None
+    semantic_losses: dict[str, Tensor] | None = None
 
 
 def prompt_embeds(inputs_embeds: Tensor, image_mask: Tensor, attention_mask: Tensor | None = None,
@@ -385,6 +387,11 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         # Which parameter the head ties to depends on the LLM family (embed_tokens, decoder.embed_tokens, wte...).
         embed_name = next(n for n, p in self.model.language_model.named_parameters() if p is embeddings.weight)
         self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embed_name}"}
+        heads = config.semantic_heads
+        self.semantic_heads = SemanticHeads(
+            config.vision_config.hidden_size, heads["num_classes"], heads["num_attributes"], heads["teacher_size"],
+            **{name: heads[name]["enabled"] for name in HEAD_NAMES}, region_loss=heads["region_feature"]["loss"],
+        ) if config.semantic_heads_enabled else None  # off: not built, no parameters
         self.post_init()
         self.apply_freezing()
         if config.image_token_id is not None:
@@ -434,7 +441,10 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
-                text_guidance_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeOutput:
+                text_guidance_mask: Tensor | None = None, class_labels: Tensor | None = None,
+                attribute_labels: Tensor | None = None, attribute_mask: Tensor | None = None,
+                region_box_masks: Tensor | None = None, region_features: Tensor | None = None,
+                region_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeOutput:
         r"""
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
             Next-token targets aligned with `input_ids` (shifted inside the loss, or pass `shift_labels`); -100
@@ -447,6 +457,9 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         text_guidance_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*):
             Positions that may serve as the prompt text of text-guided merging (see [`prompt_embeds`]); labelled
             positions never do, so the answer a sample trains on never steers its own image's merging.
+        class_labels, attribute_labels, attribute_mask, region_box_masks, region_features, region_mask:
+            Per-image semantic-head targets over the patch grid, as `PatchAlignProcessor` builds them from boxes
+            (see `SemanticHeads`); used only when `config.semantic_heads` enables the head.
 
         `generate()` is GenerationMixin's own: it sends `pixel_values` only at prefill (or on every step
         without a cache, when the prompt is re-read whole; text guidance then still reads the prompt only).
@@ -467,7 +480,33 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits)
+        targets = dict(class_labels=class_labels, attribute_labels=attribute_labels, attribute_mask=attribute_mask,
+                       region_box_masks=region_box_masks, region_features=region_features, region_mask=region_mask)
+        semantic_losses = None
+        if self.semantic_heads is not None and any(v is not None for v in targets.values()):
+            semantic_losses = self._semantic_losses(pixel_values, out.image_outputs, targets)
+            weighted = sum(self.config.semantic_heads[name]["weight"] * value for name, value in semantic_losses.items())
+            loss = weighted if loss is None else loss + weighted
+        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits, semantic_losses=semantic_losses)
+
+    def _semantic_losses(self, pixel_values: Tensor | None, image_outputs: MergeBridgeImageOutput | None,
+                         targets: dict[str, Tensor | None]) -> dict[str, Tensor]:
+        """The heads' losses on the patch tokens the bridge reads (the leading CLS token dropped)."""
+        if pixel_values is None or pixel_values.ndim != 4:
+            got = "none" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
+            raise ValueError(f"MergeBridge: semantic-head targets need images (B, 3, H, W) as pixel_values, got {got} "
+                             "(videos have no per-frame boxes)")
+        leading = VISION_LEADING_TOKENS[self.config.vision_config.model_type]
+        patches = image_outputs.last_hidden_state[:, leading:]  # (B_img, P, Cv)
+        for name in ("class_labels", "attribute_labels", "attribute_mask", "region_box_masks"):
+            value = targets[name]
+            if value is None:
+                continue
+            grid = (value.shape[0], value.shape[-1]) if name == "region_box_masks" else value.shape[:2]
+            if tuple(grid) != tuple(patches.shape[:2]):
+                raise ValueError(f"MergeBridge: {name} of shape {tuple(value.shape)} does not fit {patches.shape[0]} "
+                                 f"images x {patches.shape[1]} patches")
+        return self.semantic_heads(patches, **targets)
 
     def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict[str, Any],
                                             is_encoder_decoder: bool = False, num_new_tokens: int = 1
