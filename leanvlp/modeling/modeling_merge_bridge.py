@@ -287,9 +287,10 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
             raise ValueError(
                 f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}"
             )
-        if text_embeds is not None and text_embeds.shape != (b, self.config.text_config.hidden_size):
-            raise ValueError(f"MergeBridge: text_embeds must be (images, C_llm) = {(b, self.config.text_config.hidden_size)}, "
-                             f"got shape {tuple(text_embeds.shape)}")
+        width = self.config.text_config.hidden_size
+        if text_embeds is not None and text_embeds.shape != (b, width):
+            raise ValueError(f"MergeBridge: text_embeds must be (images, C_llm) = {(b, width)}, got shape "
+                             f"{tuple(text_embeds.shape)}")
         frozen = self.config.freeze_vision and not hooks  # temporal hooks carry trainable parameters
         capture = None if self.config.vision_feature_norm else _LayerCapture(self.config.vision_feature_layer_index)
         relevance = None
@@ -485,7 +486,8 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         semantic_losses = None
         if self.semantic_heads is not None and any(v is not None for v in targets.values()):
             semantic_losses = self._semantic_losses(pixel_values, out.image_outputs, targets)
-            weighted = sum(self.config.semantic_heads[name]["weight"] * value for name, value in semantic_losses.items())
+            weights = {name: self.config.semantic_heads[name]["weight"] for name in semantic_losses}
+            weighted = sum(weights[name] * value for name, value in semantic_losses.items())
             loss = weighted if loss is None else loss + weighted
         return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits, semantic_losses=semantic_losses)
 
