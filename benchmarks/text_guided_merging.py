@@ -10,15 +10,16 @@ most similar to the question are kept out of every block's matching; the counts 
 argmax over the 8 colour words at the answer position, on held-out images; 3 seeds. The speed cost of the
 guidance is the inference time of the guided vs the plain model at the same r (one run, same batch).
 
-Status: a pilot on a shared 2-core CPU (one thread) left even the unmerged ceiling at chance after 600 steps
-(~2 min per arm: `--steps 600 --seeds 1 --arms unmerged`, accuracy 0.148, chance 0.125), so the 15 training runs
-this comparison needs cannot separate the arms within ~20 CPU minutes; run it where a few thousand steps per arm
-fit (e.g. `--steps 5000`, untested). `--arms ''` measures only the speed cost, which needs no training.
+Status: pilots on a shared 2-core CPU (one thread) left even the unmerged ceiling at chance: `--steps 600 --seeds 1
+--arms unmerged` (~2 min) scored 0.148 (chance 0.125), and `--steps 1500 --lr 5e-3` kept the training loss flat at
+~1.04 (answer + EOS: ln(8) / 2, the colour prior) throughout. So the 15 training runs of this comparison cannot
+separate the arms within ~20 CPU minutes; the tiny from-scratch models need far more steps (or pretrained towers)
+to bind a shape word to its patches. `--arms ''` measures only the speed cost, which needs no training.
 
 Why the drawing is here: `make_shapes_dataset` has no many-object option yet (leanvlp/data is another owner's);
 the variant reuses its background and shape drawing.
 
-    python benchmarks/text_guided_merging.py --steps 5000     # the comparison (hours on one CPU thread)
+    python benchmarks/text_guided_merging.py --steps 20000    # the comparison (untested: hours on one CPU thread)
     python benchmarks/text_guided_merging.py --arms ''        # the speed cost only (seconds)
     python benchmarks/text_guided_merging.py --steps 50 --seeds 1 --train 256 --test 128   # a pilot
 """
