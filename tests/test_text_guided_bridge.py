@@ -243,3 +243,18 @@ def test_save_reload_and_remote_code_keep_the_guidance(tokenizer, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
+
+
+def test_every_image_of_a_prompt_reads_that_prompt(tokenizer):
+    _, guided = pair(tokenizer)
+    proc = MergeBridgeProcessor(tiny_image_processor(48), tokenizer, num_image_tokens=guided.config.num_image_tokens,
+                                max_length=guided.config.text_config.max_position_embeddings)
+    batch = proc(images=[images(2, seed=1), images(1, seed=2)],
+                 text=["<image><image>what colour is the small square?", "<image>"])
+    question = question_embeds(guided, {**batch, "input_ids": batch["input_ids"][:1],
+                                        "attention_mask": batch["attention_mask"][:1]})
+    text = torch.cat([question, question, torch.zeros(1, 32)])  # image 1 and 2: the question; image 3: none
+    with torch.no_grad():
+        out = guided(**batch)
+        by_hand = guided.get_image_features(batch["pixel_values"], text_embeds=text)
+    assert torch.equal(out.image_outputs.pooler_output, by_hand.pooler_output)
