@@ -19,6 +19,16 @@ VISION_LEADING_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "vit"
 # EVLGen's bridge: BERT-base shaped, r = 19 merges per layer, plain-mean merging (their released code).
 DEFAULT_BRIDGE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 DEFAULT_BRIDGE_MERGING = dict(r=19, mode="mean", prop_attn=False)
+# Semantic heads (semantic_heads.py) as auxiliary losses on the tower's patch tokens: all off by default.
+HEAD_NAMES = ("object_class", "attribute", "region_feature")
+DEFAULT_HEADS = dict(
+    object_class=dict(enabled=False, weight=1.0),
+    attribute=dict(enabled=False, weight=1.0),
+    region_feature=dict(enabled=False, weight=1.0, loss="smooth_l1"),
+    num_classes=0,
+    num_attributes=0,
+    teacher_size=0,
+)
 # EVA-CLIP ViT-g/14 is not in transformers; CLIP ViT-L/14 @224 has the same 257 tokens.
 DEFAULT_VISION = dict(
     model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -71,6 +81,14 @@ class MergeBridgeConfig(PretrainedConfig):
         vision_merging (`dict`, *optional*):
             [`TokenMergingConfig`] inside the vision tower itself (defaults to r=0: no merging). Videos of more than
             one frame need r=0 here: each frame would merge different token groups before the frame mean.
+
+            Text-guided merging: `protect_relevant` > 0 in either merging config keeps, in every merging block, up to
+            that many tokens most relevant to the prompt out of the matching (see [`TokenMergingConfig`]). The text
+            is the prompt after the `<image>` block (the question for VQA; never the target tokens, which carry
+            labels); a prompt without text (captioning) merges plainly. Relevance is parameter-free: each token
+            taken through the model's own linear route into the LLM width (bridge `input_norm` -> `input_proj` ->
+            `output_proj`, skipping the transformer blocks) is compared by cosine with the mean LLM input embedding
+            of the prompt's text tokens. Token counts do not change (the processor's `<image>` expansion holds).
         vision_feature_layer (`int`, *optional*, defaults to -1):
             Which tower layer the bridge reads, indexed like the tower's `hidden_states` (1..L, or -1 = last,
             -2 = penultimate...; the embeddings, index 0, are not a choice). `from_vision_text_pretrained` uses -2,
@@ -92,6 +110,13 @@ class MergeBridgeConfig(PretrainedConfig):
             Tie the LM head to the LLM's input embeddings; defaults to `text_config.tie_word_embeddings`.
         temporal_dim (`int`, *optional*, defaults to 256): query/key width of the temporal attention.
         temporal_heads (`int`, *optional*, defaults to 8): heads of the temporal attention.
+        semantic_heads (`dict`, *optional*):
+            The semantic heads as auxiliary losses on the patch tokens the bridge reads (a trainable tower only):
+            `object_class`, `attribute`, `region_feature`, each `{"enabled": bool, "weight": float}`
+            (`region_feature` also `"loss": "smooth_l1" | "cosine"`), and the sizes `num_classes` (background is
+            added as the last class), `num_attributes`, `teacher_size`. Targets (`class_labels`, `attribute_labels`
+            / `attribute_mask`, `region_box_masks` / `region_features` / `region_mask`) are built from boxes as
+            `PatchAlignProcessor` builds them. All off by default: no parameters, no change to any output.
 
     Example:
 
@@ -130,6 +155,7 @@ class MergeBridgeConfig(PretrainedConfig):
         temporal_dim: int = 256,
         temporal_heads: int = 8,
         tie_word_embeddings: bool | None = None,
+        semantic_heads: dict | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, DEFAULT_VISION, "vision_config")
@@ -157,6 +183,7 @@ class MergeBridgeConfig(PretrainedConfig):
         self.temporal_merging = temporal_merging
         self.temporal_dim = temporal_dim
         self.temporal_heads = temporal_heads
+        self.semantic_heads = self._heads(semantic_heads)
         self.vision_feature_layer = vision_feature_layer
         self.vision_feature_norm = vision_feature_layer == -1 if vision_feature_norm is None else vision_feature_norm
         # transformers ties the LM head when the top-level config says so; the LLM's config decides by default.
@@ -172,6 +199,69 @@ class MergeBridgeConfig(PretrainedConfig):
         # Validate both schedules against their depths now, not deep inside a forward pass.
         self.bridge_merging_config.schedule(self.bridge_config.num_hidden_layers)
         self.vision_merging_config.schedule(self.vision_config.num_hidden_layers)
+        self._check_guidance()
+        self._check_heads()
+
+    @staticmethod
+    def _heads(value: dict | None) -> dict:
+        value = dict(value or {})
+        unknown = set(value) - set(DEFAULT_HEADS)
+        if unknown:
+            raise ValueError(f"MergeBridgeConfig.semantic_heads: unknown keys {sorted(unknown)}; known: "
+                             f"{sorted(DEFAULT_HEADS)}")
+        heads: dict[str, Any] = {}
+        for key, default in DEFAULT_HEADS.items():
+            if key in HEAD_NAMES:
+                heads[key] = {**default, **(value.get(key) or {})}
+                if not isinstance(heads[key]["enabled"], bool):
+                    raise ValueError(f"MergeBridgeConfig.semantic_heads.{key}.enabled must be a bool, "
+                                     f"got {heads[key]['enabled']!r}")
+            else:
+                heads[key] = value.get(key, default)
+                if not isinstance(heads[key], int) or isinstance(heads[key], bool) or heads[key] < 0:
+                    raise ValueError(f"MergeBridgeConfig.semantic_heads.{key} must be an int >= 0, got {heads[key]!r}")
+        for head, size in (("object_class", "num_classes"), ("attribute", "num_attributes"),
+                           ("region_feature", "teacher_size")):
+            if heads[head]["enabled"] and heads[size] < 1:
+                raise ValueError(f"MergeBridgeConfig.semantic_heads.{head} is enabled but {size}={heads[size]}")
+        if heads["region_feature"]["loss"] not in ("smooth_l1", "cosine"):
+            raise ValueError("MergeBridgeConfig.semantic_heads.region_feature.loss must be 'smooth_l1' or 'cosine', "
+                             f"got {heads['region_feature']['loss']!r}")
+        return heads
+
+    @property
+    def semantic_heads_enabled(self) -> bool:
+        """Whether any semantic head is on (the model then builds them and adds their losses)."""
+        return any(self.semantic_heads[name]["enabled"] for name in HEAD_NAMES)
+
+    def _check_heads(self) -> None:
+        """Combinations the heads cannot train in fail here, naming both settings."""
+        if not self.semantic_heads_enabled:
+            return
+        enabled = [name for name in HEAD_NAMES if self.semantic_heads[name]["enabled"]]
+        if self.freeze_vision:
+            raise ValueError(
+                f"MergeBridgeConfig: semantic_heads ({', '.join(enabled)}) with freeze_vision=True: the heads train "
+                "the tower's patch tokens, so the tower must be trainable (set freeze_vision=False)"
+            )
+        if self.num_bridge_input_tokens != self.num_vision_tokens:
+            raise ValueError(
+                f"MergeBridgeConfig: semantic_heads ({', '.join(enabled)}) with vision_merging r="
+                f"{self.vision_merging['r']}: the heads' per-patch targets need the unmerged patch grid at "
+                f"vision_feature_layer={self.vision_feature_layer}; merge only after it, or in the bridge"
+            )
+
+    def _check_guidance(self) -> None:
+        """Text-guided merging must leave every merging block its r: checked per stack against its token count."""
+        stacks = (("vision_merging", self.vision_merging_config, self.num_vision_tokens,
+                   self.vision_config.num_hidden_layers),
+                  ("bridge_merging", self.bridge_merging_config, self.num_bridge_input_tokens,
+                   self.bridge_config.num_hidden_layers))
+        for field, merging, tokens, layers in stacks:
+            try:
+                merging.check_protect_relevant(tokens, layers)
+            except ValueError as err:
+                raise ValueError(f"MergeBridgeConfig.{field}: {err}") from None
 
     def _check_vision_features(self) -> None:
         layers, layer = self.vision_config.num_hidden_layers, self.vision_feature_layer
@@ -215,6 +305,22 @@ class MergeBridgeConfig(PretrainedConfig):
         return any(self.vision_merging_config.schedule(self.vision_config.num_hidden_layers))
 
     @property
+    def bridge_text_guided(self) -> bool:
+        """Whether the bridge merges with text guidance (`protect_relevant` > 0 and some r > 0)."""
+        merging = self.bridge_merging_config
+        return merging.protect_relevant > 0 and any(merging.schedule(self.bridge_config.num_hidden_layers))
+
+    @property
+    def vision_text_guided(self) -> bool:
+        """Whether the tower merges with text guidance (`protect_relevant` > 0 and some r > 0)."""
+        return self.vision_merging_config.protect_relevant > 0 and self.vision_merges_tokens
+
+    @property
+    def text_guided(self) -> bool:
+        """Whether any merging reads the prompt: the model then embeds the prompt's text for relevance."""
+        return self.bridge_text_guided or self.vision_text_guided
+
+    @property
     def num_vision_tokens(self) -> int:
         """Tokens entering the vision tower (patches + CLS) at the configured image size."""
         return vision_num_tokens(self.vision_config)
@@ -234,4 +340,4 @@ class MergeBridgeConfig(PretrainedConfig):
         return counts[-1] if counts else self.num_bridge_input_tokens
 
 
-__all__ = ["MergeBridgeConfig", "vision_num_tokens"]
+__all__ = ["MergeBridgeConfig", "vision_num_tokens", "HEAD_NAMES"]

@@ -11,9 +11,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_merge_bridge import MergeBridgeConfig
+from .configuration_merge_bridge import HEAD_NAMES, VISION_LEADING_TOKENS, MergeBridgeConfig
+from .semantic_heads import IGNORE_INDEX, SemanticHeads
 from .temporal_merging import TemporalTokenMerging
-from .token_merging import BertLayerAdapter, BlockHook, MergeState, TokenMergingEncoder, TokenMergingOutput
+from .token_merging import (
+    BertLayerAdapter,
+    BlockHook,
+    MergeState,
+    TokenMergingEncoder,
+    TokenMergingOutput,
+    text_relevance,
+)
 from .transformers_compat import CACHE_NAME, get_cache, outputs_from
 from .vision_tower import TokenMergingVisionTower
 
@@ -25,12 +33,16 @@ class MergeBridgeImageOutput(BaseModelOutputWithPooling):
     last_hidden_state: the tower's features the bridge reads (B, N, Cv) (`vision_feature_layer`; frame mean for
     videos); pooler_output: the visual prefix (B, M, C_llm); hidden_states / attentions: the tower's, when asked
     (per frame for videos); bridge_hidden_states / bridge_attentions: the bridge's before its output projection,
-    when asked; bridge_token_counts: tokens after each bridge layer.
+    when asked; bridge_token_counts: tokens after each bridge layer; vision_sources / bridge_sources: with
+    `track_sources=True`, which input tokens each output token of the tower's last layer / of the bridge holds
+    (B*T, N', N) / (B, M, N0) 0/1 (the `merge_map` input).
     """
 
     bridge_hidden_states: tuple[Tensor, ...] | None = None
     bridge_attentions: tuple[Tensor, ...] | None = None
     bridge_token_counts: list[int] | None = None
+    vision_sources: Tensor | None = None
+    bridge_sources: Tensor | None = None
 
 
 @dataclass
@@ -43,10 +55,40 @@ class MergeBridgeModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class MergeBridgeOutput(CausalLMOutputWithPast):
-    """Output of [`MergeBridgeForConditionalGeneration`] (`loss` is the caption/answer LM loss): the LLM's
-    fields, then `image_outputs` ([`MergeBridgeImageOutput`]) when pixels were given."""
+    """Output of [`MergeBridgeForConditionalGeneration`]: the LLM's fields, then `image_outputs`
+    ([`MergeBridgeImageOutput`]) when pixels were given. `loss` is the caption/answer LM loss plus the weighted
+    semantic-head losses when those heads are on and given targets; `semantic_losses` holds each head's loss."""
 
     image_outputs: MergeBridgeImageOutput | None = None
+    semantic_losses: dict[str, Tensor] | None = None
+
+
+def prompt_embeds(inputs_embeds: Tensor, image_mask: Tensor, attention_mask: Tensor | None = None,
+                  text_mask: Tensor | None = None) -> Tensor:
+    """The text of text-guided merging: per row, the mean input embedding (B, C) of the prompt's text tokens.
+
+    Those are the attended, non-image tokens after the row's first `<image>` token (the question of a VQA
+    prompt; BOS and anything before the image are not text about it) where `text_mask` (B, L) allows (it
+    excludes labelled targets in training and generated tokens in uncached generation). A row without any
+    (a captioning prompt) gets zeros, which score every visual token alike: plain merging for that image.
+    """
+    keep = image_mask.cumsum(dim=1).gt(0) & ~image_mask  # (B, L) after the first image token, not an image token
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = keep & attention_mask.bool()
+    if text_mask is not None:
+        if text_mask.shape != keep.shape:
+            raise ValueError(f"MergeBridge: text_guidance_mask must be (B, L) = {tuple(keep.shape)}, got shape "
+                             f"{tuple(text_mask.shape)}")
+        keep = keep & text_mask.bool()
+    weights = keep.to(inputs_embeds.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (inputs_embeds.detach() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, C)
+
+
+def _tower_embeddings(tower: TokenMergingVisionTower, pixel_values: Tensor) -> Tensor:
+    """The tower's embedded tokens (B, N, Cv) before its first block: what its text-guided merging scores."""
+    with torch.no_grad():
+        model = tower.vision_model
+        return tower._family.embed(model, pixel_values.to(model.dtype), False)
 
 
 class MergeBridgeBridge(nn.Module):
@@ -68,18 +110,37 @@ class MergeBridgeBridge(nn.Module):
         self.encoder = TokenMergingEncoder(layers, BertLayerAdapter(), config.bridge_merging)
         self.output_proj = nn.Linear(bc.hidden_size, config.text_config.hidden_size)
 
+    def text_relevance(self, vision_tokens: Tensor, text_embeds: Tensor) -> Tensor:
+        """Parameter-free relevance of vision-width tokens (B, N, Cv) to a prompt embedding (B, C_llm): (B, N).
+
+        The bridge has no word embeddings, so the text stays in the LLM's input-embedding space and the tokens
+        go there by the bridge's own linear route (input norm and projection, then the output projection, which
+        is trained to put bridge tokens where the LLM reads them), skipping the transformer layers; the cosine
+        there scores each token. A zero text embedding (no prompt text) scores every token 0: plain merging.
+        """
+        with torch.no_grad():
+            mapped = self.output_proj(self.input_proj(self.input_norm(vision_tokens)))  # (B, N, C_llm)
+            return text_relevance(mapped, text_embeds.to(mapped.dtype))
+
     def forward(self, vision_tokens: Tensor, track_sources: bool = False, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> TokenMergingOutput:
-        """`last_hidden_state` is the projected prefix (B, M, C_llm); hidden states stay in the bridge width."""
+                output_attentions: bool = False, text_embeds: Tensor | None = None) -> TokenMergingOutput:
+        """`last_hidden_state` is the projected prefix (B, M, C_llm); hidden states stay in the bridge width.
+
+        `text_embeds` (B, C_llm), the prompt's mean input embedding, steers text-guided merging when the bridge's
+        merging config has `protect_relevant` > 0 (ignored otherwise, so the switch off costs nothing).
+        """
         x = self.input_proj(self.input_norm(vision_tokens))  # (B, N0, Cb)
         if x.shape[1] != self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"MergeBridge: the vision tower gave {x.shape[1]} tokens but the bridge was configured for "
                 f"{self.position_embeddings.num_embeddings} (vision_config.image_size / patch_size)"
             )
+        relevance = None
+        if text_embeds is not None and self.encoder.merging.protect_relevant > 0:
+            relevance = self.text_relevance(vision_tokens, text_embeds)  # (B, N0)
         x = self.dropout(self.embed_norm(x + self.position_embeddings.weight))
         out = self.encoder(x, track_sources=track_sources, output_hidden_states=output_hidden_states,
-                           output_attentions=output_attentions)  # (B, M, Cb)
+                           output_attentions=output_attentions, relevance=relevance)  # (B, M, Cb)
         out.last_hidden_state = self.output_proj(out.last_hidden_state)  # (B, M, C_llm)
         return out
 
@@ -199,11 +260,13 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
     @can_return_tuple
     def get_image_features(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
                            output_attentions: bool | None = None, track_sources: bool = False,
-                           **kwargs: Any) -> MergeBridgeImageOutput:
+                           text_embeds: Tensor | None = None, **kwargs: Any) -> MergeBridgeImageOutput:
         """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> `pooler_output`, the visual prefix (B, M, C_llm).
 
-        `kwargs`: the per-image kwargs other VLMs take (`image_sizes`...), which callers such as serving engines
-        pass along; MergeBridge's fixed-size towers do not need them.
+        `text_embeds` (B, C_llm): per image, the mean LLM input embedding of its prompt's text (`prompt_embeds`),
+        for text-guided merging; None (or a zero row) merges plainly. `kwargs`: the per-image kwargs other VLMs
+        take (`image_sizes`...), which callers such as serving engines pass along; MergeBridge's fixed-size
+        towers do not need them.
         """
         output_hidden_states, output_attentions = self._output_flags(output_hidden_states, output_attentions)
         if pixel_values.ndim == 5:  # video
@@ -224,19 +287,28 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
             raise ValueError(
                 f"MergeBridge: pixel_values must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixel_values.shape)}"
             )
+        width = self.config.text_config.hidden_size
+        if text_embeds is not None and text_embeds.shape != (b, width):
+            raise ValueError(f"MergeBridge: text_embeds must be (images, C_llm) = {(b, width)}, got shape "
+                             f"{tuple(text_embeds.shape)}")
         frozen = self.config.freeze_vision and not hooks  # temporal hooks carry trainable parameters
         capture = None if self.config.vision_feature_norm else _LayerCapture(self.config.vision_feature_layer_index)
+        relevance = None
+        if text_embeds is not None and self.config.vision_text_guided:  # images only: video needs vision r=0
+            relevance = self.bridge.text_relevance(_tower_embeddings(self.vision_tower, frames), text_embeds)  # (B, N)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            tower = self.vision_tower(frames, hooks=[*hooks, *([capture] if capture else [])],
-                                      output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+            tower = self.vision_tower(frames, hooks=[*hooks, *([capture] if capture else [])], relevance=relevance,
+                                      track_sources=track_sources, output_hidden_states=output_hidden_states,
+                                      output_attentions=output_attentions)
         vision = capture.hidden if capture is not None else tower.last_hidden_state  # (B*T, N, Cv)
         vision = vision.view(b, t, *vision.shape[1:]).mean(dim=1)  # (B, N, Cv): frame mean (identity for images)
         bridge = self.bridge(vision, track_sources=track_sources, output_hidden_states=output_hidden_states,
-                             output_attentions=output_attentions)
+                             output_attentions=output_attentions, text_embeds=text_embeds)
         return MergeBridgeImageOutput(
             last_hidden_state=vision, pooler_output=bridge.last_hidden_state, hidden_states=tower.hidden_states,
             attentions=tower.attentions, bridge_hidden_states=bridge.hidden_states,
             bridge_attentions=bridge.attentions, bridge_token_counts=bridge.token_counts,
+            vision_sources=tower.sources, bridge_sources=bridge.sources,
         )
 
     def get_placeholder_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor) -> Tensor:
@@ -261,9 +333,11 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                **kwargs: Any) -> MergeBridgeModelOutput:
+                text_guidance_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeModelOutput:
         """Embed the prompt, scatter the visual prefix into its `<image>` positions, run the base LLM.
 
+        `text_guidance_mask` (B, L) bool: which positions may serve as the prompt text of text-guided merging
+        (default: all; see `prompt_embeds`); the conditional-generation model excludes labelled targets with it.
         `kwargs` go to the LLM unchanged, the cache among them under whichever name the caller used.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -273,16 +347,22 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, C_llm)
         image_outputs = None
         if pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
-                                                    output_attentions=output_attentions, return_dict=True)
-            features = image_outputs.pooler_output  # (B_img, M, C_llm)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, L)
-            if int(mask.sum()) != features.shape[0] * features.shape[1]:
+            num_images, per_image = pixel_values.shape[0], self.config.num_image_tokens
+            if int(mask.sum()) != num_images * per_image:
                 raise ValueError(
                     f"MergeBridge: the inputs hold {int(mask.sum())} image tokens (id {self.config.image_token_id}) "
-                    f"but {features.shape[0]} images x {features.shape[1]} visual tokens = "
-                    f"{features.shape[0] * features.shape[1]} are needed; build inputs with MergeBridgeProcessor"
+                    f"but {num_images} images x {per_image} visual tokens = {num_images * per_image} are needed; "
+                    "build inputs with MergeBridgeProcessor"
                 )
+            text_embeds = None
+            if self.config.text_guided:
+                text_embeds = prompt_embeds(inputs_embeds, mask, attention_mask, text_guidance_mask)  # (B, C_llm)
+                text_embeds = text_embeds.repeat_interleave(mask.sum(dim=1) // per_image, dim=0)  # (B_img, C_llm)
+            image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                                                    output_attentions=output_attentions, text_embeds=text_embeds,
+                                                    return_dict=True)
+            features = image_outputs.pooler_output  # (B_img, M, C_llm)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), features)
         self._check_length(inputs_embeds, kwargs)
@@ -308,6 +388,11 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         # Which parameter the head ties to depends on the LLM family (embed_tokens, decoder.embed_tokens, wte...).
         embed_name = next(n for n, p in self.model.language_model.named_parameters() if p is embeddings.weight)
         self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embed_name}"}
+        heads = config.semantic_heads
+        self.semantic_heads = SemanticHeads(
+            config.vision_config.hidden_size, heads["num_classes"], heads["num_attributes"], heads["teacher_size"],
+            **{name: heads[name]["enabled"] for name in HEAD_NAMES}, region_loss=heads["region_feature"]["loss"],
+        ) if config.semantic_heads_enabled else None  # off: not built, no parameters
         self.post_init()
         self.apply_freezing()
         if config.image_token_id is not None:
@@ -357,7 +442,10 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
-                **kwargs: Any) -> MergeBridgeOutput:
+                text_guidance_mask: Tensor | None = None, class_labels: Tensor | None = None,
+                attribute_labels: Tensor | None = None, attribute_mask: Tensor | None = None,
+                region_box_masks: Tensor | None = None, region_features: Tensor | None = None,
+                region_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeOutput:
         r"""
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
             Next-token targets aligned with `input_ids` (shifted inside the loss, or pass `shift_labels`); -100
@@ -367,12 +455,22 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         kwargs: passed to the LLM, the cache among them under whichever name the caller used; `output_attentions`
             / `output_hidden_states` also reach the tower and the bridge (`image_outputs`).
 
+        text_guidance_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*):
+            Positions that may serve as the prompt text of text-guided merging (see [`prompt_embeds`]); labelled
+            positions never do, so the answer a sample trains on never steers its own image's merging.
+        class_labels, attribute_labels, attribute_mask, region_box_masks, region_features, region_mask:
+            Per-image semantic-head targets over the patch grid, as `PatchAlignProcessor` builds them from boxes
+            (see `SemanticHeads`); used only when `config.semantic_heads` enables the head.
+
         `generate()` is GenerationMixin's own: it sends `pixel_values` only at prefill (or on every step
-        without a cache, when the prompt is re-read whole).
+        without a cache, when the prompt is re-read whole; text guidance then still reads the prompt only).
         """
+        if labels is not None and self.config.text_guided:
+            unlabelled = labels == IGNORE_INDEX  # (B, L)
+            text_guidance_mask = unlabelled if text_guidance_mask is None else text_guidance_mask.bool() & unlabelled
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         return_dict=True, **kwargs)
+                         text_guidance_mask=text_guidance_mask, return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # (B, L, C)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, L', V)
@@ -383,7 +481,50 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits)
+        targets = dict(class_labels=class_labels, attribute_labels=attribute_labels, attribute_mask=attribute_mask,
+                       region_box_masks=region_box_masks, region_features=region_features, region_mask=region_mask)
+        semantic_losses = None
+        if self.semantic_heads is not None and any(v is not None for v in targets.values()):
+            semantic_losses = self._semantic_losses(pixel_values, out.image_outputs, targets)
+            weights = {name: self.config.semantic_heads[name]["weight"] for name in semantic_losses}
+            weighted = sum(weights[name] * value for name, value in semantic_losses.items())
+            loss = weighted if loss is None else loss + weighted
+        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits, semantic_losses=semantic_losses)
+
+    def _semantic_losses(self, pixel_values: Tensor | None, image_outputs: MergeBridgeImageOutput | None,
+                         targets: dict[str, Tensor | None]) -> dict[str, Tensor]:
+        """The heads' losses on the patch tokens the bridge reads (the leading CLS token dropped)."""
+        if pixel_values is None or pixel_values.ndim != 4:
+            got = "none" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
+            raise ValueError(f"MergeBridge: semantic-head targets need images (B, 3, H, W) as pixel_values, got {got} "
+                             "(videos have no per-frame boxes)")
+        leading = VISION_LEADING_TOKENS[self.config.vision_config.model_type]
+        patches = image_outputs.last_hidden_state[:, leading:]  # (B_img, P, Cv)
+        for name in ("class_labels", "attribute_labels", "attribute_mask", "region_box_masks"):
+            value = targets[name]
+            if value is None:
+                continue
+            grid = (value.shape[0], value.shape[-1]) if name == "region_box_masks" else value.shape[:2]
+            if tuple(grid) != tuple(patches.shape[:2]):
+                raise ValueError(f"MergeBridge: {name} of shape {tuple(value.shape)} does not fit {patches.shape[0]} "
+                                 f"images x {patches.shape[1]} patches")
+        return self.semantic_heads(patches, **targets)
+
+    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict[str, Any],
+                                            is_encoder_decoder: bool = False, num_new_tokens: int = 1
+                                            ) -> dict[str, Any]:
+        """GenerationMixin's update, plus a `text_guidance_mask` that marks the prompt: without a cache every step
+        re-reads the images with the whole sequence, and text guidance must read the same prompt as at prefill."""
+        attention_mask = model_kwargs.get("attention_mask")
+        guidance = model_kwargs.get("text_guidance_mask")
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                   num_new_tokens)
+        if self.config.text_guided and (guidance is not None or attention_mask is not None):
+            if guidance is None:  # after prefill: the prompt is everything so far
+                guidance = torch.ones(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+            model_kwargs["text_guidance_mask"] = torch.cat(
+                [guidance.bool(), guidance.new_zeros((guidance.shape[0], num_new_tokens), dtype=torch.bool)], dim=-1)
+        return model_kwargs
 
     @classmethod
     def from_vision_text_pretrained(cls, vision: str, text: str, bridge_init: str | None = None,
@@ -449,4 +590,5 @@ __all__ = [
     "MergeBridgeImageOutput",
     "MergeBridgeOutput",
     "MergeBridgeModelOutput",
+    "prompt_embeds",
 ]
