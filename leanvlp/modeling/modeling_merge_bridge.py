@@ -87,8 +87,7 @@ def prompt_embeds(inputs_embeds: Tensor, image_mask: Tensor, attention_mask: Ten
 def _tower_embeddings(tower: TokenMergingVisionTower, pixel_values: Tensor) -> Tensor:
     """The tower's embedded tokens (B, N, Cv) before its first block: what its text-guided merging scores."""
     with torch.no_grad():
-        model = tower.vision_model
-        return tower._family.embed(model, pixel_values.to(model.dtype), False)
+        return tower.embed(pixel_values)
 
 
 class MergeBridgeBridge(nn.Module):

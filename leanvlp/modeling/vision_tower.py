@@ -205,6 +205,11 @@ class TokenMergingVisionTower(nn.Module):
     def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
         return self.merging.token_counts(self.num_tokens(image_size), self.num_layers)
 
+    def embed(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        """The embedded tokens (B, N, C) before the first block (prefix + patches): what relevance scores read."""
+        model = self.vision_model
+        return self._family.embed(model, pixel_values.to(model.dtype), interpolate_pos_encoding)
+
     def forward(
         self,
         pixel_values: Tensor,
@@ -232,8 +237,7 @@ class TokenMergingVisionTower(nn.Module):
             )
         check_attention_backend(self.backend, self.merging, where="TokenMergingVisionTower")
         model, family = self.vision_model, self._family
-        pixel_values = pixel_values.to(model.dtype)
-        hidden = family.embed(model, pixel_values, interpolate_pos_encoding)  # (B, N, C)
+        hidden = self.embed(pixel_values, interpolate_pos_encoding)  # (B, N, C)
         if text_embeds is not None:
             if relevance is not None:
                 raise ValueError("TokenMergingVisionTower: give relevance or text_embeds, not both")
