@@ -44,6 +44,7 @@ import PIL.Image
 from datasets import Features, Image, List, Value
 
 from ..processing.boxes import BOX_TOLERANCE, clip_box
+from ..processing.inputs import to_rgb  # one conversion for loaders and processors (the processors ship alone)
 
 __all__ = [
     "BOX_TOLERANCE",
@@ -86,18 +87,6 @@ VIDEO_FEATURES = Features(
 )
 
 
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL mode (L, LA, RGBA, P, I;16, CMYK ...) to RGB; RGB images pass through."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite on white instead of dropping alpha, so transparent pixels don't turn black.
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
 
 
 def image_size(image: Any) -> tuple[int, int]:

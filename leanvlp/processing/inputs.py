@@ -1,7 +1,7 @@
 """Input checks shared by the processors: images to RGB, text a tokenizer can encode, kwargs and length limits.
 
-This folder is copied to the Hub as remote code, so it cannot import `leanvlp.data`; `to_rgb` here gives the same
-pixels as `leanvlp.data.to_rgb` (tests compare them mode by mode).
+This folder is copied to the Hub as remote code, so it cannot import `leanvlp.data`; the data side imports `to_rgb`
+from here instead (`leanvlp.data.to_rgb` is this function).
 """
 
 from __future__ import annotations
