@@ -690,11 +690,11 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
             neg_image = sample_hard_negatives(sim.t(), pos.t())
             texts = torch.cat([text, text[neg_text], text])
             masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-            rows = torch.cat([torch.arange(B, device=input_ids.device).repeat(2), neg_image])  # image of each pair
             if cfg.patch_detector["itm_text_aware"] and cfg.patch_detector["enabled"]:
+                rows = torch.cat([torch.arange(B, device=input_ids.device).repeat(2), neg_image])  # each pair's image
                 images = pa.encode_image_pairs(pixel_values, rows, texts[:, 0])
             else:
-                images = enc.agnostic[rows]
+                images = torch.cat([enc.agnostic, enc.agnostic, enc.agnostic[neg_image]])
             itm_logits = self.itm_head(pa.fuse(texts, masks, images)[:, 0])  # (3B, 2)
             itm_targets = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
             losses["itm"] = F.cross_entropy(itm_logits, itm_targets)
