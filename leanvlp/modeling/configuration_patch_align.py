@@ -202,7 +202,9 @@ class PatchAlignConfig(PretrainedConfig):
                 f"PatchAlignConfig.patch_detector.fuse_weights must be one of {FUSE_WEIGHTS}, got {d['fuse_weights']!r}"
             )
         if not isinstance(d["itm_text_aware"], bool):
-            raise ValueError(f"PatchAlignConfig.patch_detector.itm_text_aware must be a bool, got {d['itm_text_aware']!r}")
+            raise ValueError(
+                f"PatchAlignConfig.patch_detector.itm_text_aware must be a bool, got {d['itm_text_aware']!r}"
+            )
         if not d["enabled"]:
             return d
         depth = self.vision_config.num_hidden_layers

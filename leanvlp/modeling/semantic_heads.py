@@ -156,7 +156,8 @@ class SemanticHeads(nn.Module):
             def take(t: Tensor | None, dim: int = 1) -> Tensor | None:
                 return None if t is None else take_patches(t, patch_index, dim)
 
-            class_labels, attribute_labels, attribute_mask = take(class_labels), take(attribute_labels), take(attribute_mask)
+            class_labels, attribute_labels = take(class_labels), take(attribute_labels)
+            attribute_mask = take(attribute_mask)
             region_box_masks = take(region_box_masks, 2)  # (B, M, K)
         losses: dict[str, Tensor] = {}
         if hasattr(self, "object_class") and class_labels is not None:
