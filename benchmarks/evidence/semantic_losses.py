@@ -33,7 +33,7 @@ skipped, so an interrupted set is finished by running the same command again. Ru
 set holds complete pairs. The report (the section of benchmarks/results/evidence.md between this experiment's
 markers, and the PNG beside it) is rewritten from the JSON files after every run, or alone with --report.
 
-    python benchmarks/evidence/semantic_losses.py                 # ~30 min on one CPU thread
+    python benchmarks/evidence/semantic_losses.py                 # ~20 CPU minutes on one thread (~30 wall on a shared 2-core machine)
     python benchmarks/evidence/semantic_losses.py --report        # tables and plot from the JSON files
     python benchmarks/evidence/semantic_losses.py --pilot         # seconds per step and per evaluation
     python benchmarks/evidence/semantic_losses.py --variants region --seeds 1   # one run again (same numbers)
@@ -93,7 +93,7 @@ VARIANTS = {"none": [], "class": ["object_class"], "attribute": ["attribute"], "
 METRICS = {"itc_r1": "ITC R@1", "mlm_acc": "masked shape/colour-word accuracy"}
 SETTINGS = dict(
     image_size=48, patch_size=8, vision_hidden=64, vision_layers=4, text_hidden=64, text_layers=2, fusion_layers=1,
-    embed_dim=64, batch_size=32, steps=280, eval_every=40, learning_rate=1e-3, warmup=0.05, weight_decay=0.05,
+    embed_dim=64, batch_size=32, steps=480, eval_every=60, learning_rate=1e-3, warmup=0.05, weight_decay=0.05,
     train_images=2000, eval_images=500, min_objects=3, data_seed=0, teacher_size=32, teacher_crop=8,
     teacher_seed=1234, eval_seed=7, text_init_std=0.1,
 )
@@ -295,12 +295,12 @@ def steps_to(curve: list[dict[str, float]], metric: str, threshold: float) -> in
     return next((p["step"] for p in curve if p[metric] >= threshold), None)
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def interval(values: list[float]) -> tuple[float, float] | None:
@@ -371,7 +371,7 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
                                 + (f" (paired AUC difference {statistics.mean(diffs):+.3f}, 95% interval "
                                    f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}])" if bounds else ""))
             lines.append(
-                f"| {variant} | {len(paired)} | {mean_sd(finals)} | {mean_sd(reached)} ({len(reached)}/{len(paired)}) "
+                f"| {variant} | {len(paired)} | {mean_sd(finals)} | {mean_sd(reached, 0)} ({len(reached)}/{len(paired)}) "
                 f"| {mean_sd(aucs)} | {mean_sd(diffs) if variant != 'none' else '-'} | "
                 f"{'-' if bounds is None else f'[{bounds[0]:+.3f}, {bounds[1]:+.3f}]'} | {text} |")
         lines.append("")
@@ -384,7 +384,7 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
             wall = [r["curve"][-1]["train_seconds"] for r in got]
             evals = [r["eval_cpu_seconds"] for r in got]
             params = got[0]["num_parameters"]
-            lines.append(f"| {variant} | {mean_sd(cpu)} | {mean_sd(wall)} | {mean_sd(evals)} | {params:,} |")
+            lines.append(f"| {variant} | {mean_sd(cpu, 0)} | {mean_sd(wall, 0)} | {mean_sd(evals, 0)} | {params:,} |")
     lines += ["", "### Verdicts (the claim: the variant converges faster than none, i.e. a larger AUC)", "",
               *verdicts, "", END]
     return "\n".join(lines)
