@@ -33,7 +33,7 @@ skipped, so an interrupted set is finished by running the same command again. Ru
 set holds complete pairs. The report (the section of benchmarks/results/evidence.md between this experiment's
 markers, and the PNG beside it) is rewritten from the JSON files after every run, or alone with --report.
 
-    python benchmarks/evidence/semantic_losses.py                 # ~20 CPU minutes on one thread (~30 wall on a shared 2-core machine)
+    python benchmarks/evidence/semantic_losses.py                 # ~20 CPU min on 1 thread (~30 wall, shared 2 cores)
     python benchmarks/evidence/semantic_losses.py --report        # tables and plot from the JSON files
     python benchmarks/evidence/semantic_losses.py --pilot         # seconds per step and per evaluation
     python benchmarks/evidence/semantic_losses.py --variants region --seeds 1   # one run again (same numbers)
@@ -371,7 +371,8 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
                                 + (f" (paired AUC difference {statistics.mean(diffs):+.3f}, 95% interval "
                                    f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}])" if bounds else ""))
             lines.append(
-                f"| {variant} | {len(paired)} | {mean_sd(finals)} | {mean_sd(reached, 0)} ({len(reached)}/{len(paired)}) "
+                f"| {variant} | {len(paired)} | {mean_sd(finals)} | {mean_sd(reached, 0)} "
+                f"({len(reached)}/{len(paired)}) "
                 f"| {mean_sd(aucs)} | {mean_sd(diffs) if variant != 'none' else '-'} | "
                 f"{'-' if bounds is None else f'[{bounds[0]:+.3f}, {bounds[1]:+.3f}]'} | {text} |")
         lines.append("")
