@@ -330,7 +330,13 @@ def load_runs() -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
-def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+def blind_baselines(items: dict[str, Any]) -> dict[str, float]:
+    """What an image-blind model scores: ITC R@1 at chance, MLM by always answering the most common word."""
+    targets = items["targets"]
+    return {"itc_r1": 1 / len(items["texts"]), "mlm_acc": max(targets.count(t) for t in set(targets)) / len(targets)}
+
+
+def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float] | None = None) -> str:
     base = runs.get("none", {})
     seeds = sorted(base)
     lines = [BEGIN, "", "## (a) Semantic visual losses converge faster?", ""]
@@ -340,7 +346,8 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
     lines += [
         f"Tiny PatchAlign from scratch on shapes ({s['image_size']} px, 3-4 objects per image, "
         f"{s['train_images']} training images), detector off, ITC + ITM + MLM; {s['steps']} steps of batch "
-        f"{s['batch_size']}; evaluation every {s['eval_every']} steps on {s['eval_images']} held-out images. "
+        f"{s['batch_size']}; evaluation every {s['eval_every']} steps on {s['eval_images']} held-out images; text "
+        f"encoder init std {s['text_init_std']}. "
         "Region teacher: a fixed random projection of the box crop's pixels (8x8 RGB -> 32, numpy seed "
         f"{s['teacher_seed']}). Seeds: {seeds}. Paired differences are variant minus `none` on the same seed; "
         "interval: 95% t-interval of the mean over seeds. Written by `benchmarks/evidence/semantic_losses.py` "
@@ -348,6 +355,9 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
         "`evidence_a_semantic_losses.png` (mean over seeds, band = min..max).",
         "",
     ]
+    if blind:
+        lines += [f"Image-blind reference: ITC R@1 at chance {blind['itc_r1']:.3f}; always answering the most common "
+                  f"masked word scores {blind['mlm_acc']:.3f}.", ""]
     verdicts = []
     for metric, name in METRICS.items():
         lines += [f"### {name}", "",
@@ -391,8 +401,8 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
-    section = report(runs)
+def write_report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float] | None = None) -> None:
+    section = report(runs, blind)
     text = REPORT.read_text() if REPORT.exists() else "# Evidence that the techniques keep quality (issue #15)\n\n"
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
@@ -448,15 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    if args.report:
-        write_report(load_runs())
-        return 0
     s = dict(SETTINGS)
     start = time.perf_counter()
     train, next_index = shapes_with_objects(s["train_images"], 0, s)
     held_out, _ = shapes_with_objects(s["eval_images"], next_index, s)
-    train = add_teacher_features(train, s)
     items = eval_set(held_out, s)
+    blind = blind_baselines(items)
+    if args.report:
+        write_report(load_runs(), blind)
+        return 0
+    train = add_teacher_features(train, s)
     print(f"data: {len(train)} training images, {len(items['texts'])} held-out, {time.perf_counter() - start:.1f}s",
           flush=True)
     if args.pilot:
@@ -479,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {variant} seed {seed}", flush=True)
             record = run(variant, seed, s, train, items)
             path.write_text(json.dumps(record, indent=1) + "\n")
-            write_report(load_runs())
-    write_report(load_runs())
+            write_report(load_runs(), blind)
+    write_report(load_runs(), blind)
     return 0
 
 
