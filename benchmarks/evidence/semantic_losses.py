@@ -420,7 +420,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for row, (metric, name) in enumerate(METRICS.items()):
-        for col, x_key in enumerate(("step", "train_seconds")):
+        for col, x_key in enumerate(("step", "train_cpu_seconds")):  # CPU: wall time follows the machine's load
             ax = axes[row][col]
             for variant in VARIANTS:
                 curves = list(runs.get(variant, {}).values())
@@ -431,7 +431,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
                 y = np.array([[p[metric] for p in c["curve"][:n]] for c in curves])
                 ax.plot(x, y.mean(0), label=f"{variant} ({len(curves)} seeds)")
                 ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
-            ax.set_xlabel("training step" if x_key == "step" else "training seconds (1 thread, mean over seeds)")
+            ax.set_xlabel("training step" if x_key == "step" else "training CPU seconds (1 thread, mean over seeds)")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
