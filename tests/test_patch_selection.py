@@ -107,3 +107,57 @@ def test_detector_gets_gradient_through_the_fused_token():
     hook = PatchSelectionHook(0, 0.5, detector, text=torch.randn(2, 12))
     run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x, hooks=[hook]).last_hidden_state.sum().backward()
     assert detector.fc1.weight.grad is not None and detector.fc1.weight.grad.abs().sum() > 0
+
+
+def test_fused_token_weights_are_the_softmax_of_the_logits_of_the_dropped_patches_by_hand():
+    """fuse_weights="logits" (default): fused = sum_i softmax(z)_i x_i over the non-kept patches; "scores" puts
+    sigmoid(z) into the softmax instead (today's earlier behaviour). The kept set is the same either way."""
+    torch.manual_seed(0)
+    detector = TextAwarePatchDetector(16, 8)
+    hidden, text = torch.randn(2, 1 + 10, 16), torch.randn(2, 8) * 3  # CLS + 10 patches
+    fused, kept = {}, {}
+    for mode in ("logits", "scores"):
+        hook = PatchSelectionHook(0, 0.4, detector, text=text, fuse_weights=mode)
+        out, _ = hook.after_block(0, hidden, MergeState())
+        assert out.shape == (2, 1 + 4 + 1, 16)
+        fused[mode], kept[mode] = out[:, -1], hook.kept
+    assert torch.equal(kept["logits"], kept["scores"])
+    with torch.no_grad():
+        z = detector(hidden[:, 1:], text)  # (2, 10)
+    for b in range(2):
+        dropped = [i for i in range(10) if i not in kept["logits"][b].tolist()]
+        x = hidden[b, 1:][dropped]  # (6, 16)
+        by_hand = {"logits": z[b, dropped].softmax(0), "scores": z[b, dropped].sigmoid().softmax(0)}
+        for mode, w in by_hand.items():
+            torch.testing.assert_close(fused[mode][b], (w[:, None] * x).sum(0))
+    assert not torch.allclose(fused["logits"], fused["scores"])
+
+
+def test_rows_pair_each_text_with_its_image_row():
+    """rows (n,): text j prunes batch row rows[j]; equal to pruning that row alone with that text."""
+    torch.manual_seed(0)
+    detector = TextAwarePatchDetector(16, 8)
+    hidden, text = torch.randn(2, 9, 16), torch.randn(3, 8) * 3
+    rows = torch.tensor([1, 0, 1])
+    sizes = torch.rand(2, 9, 1) + 1
+    hook = PatchSelectionHook(0, 0.5, detector, text=text, rows=rows)
+    out, state = hook.after_block(0, hidden, MergeState(sizes=sizes))
+    assert out.shape == (3, 1 + 4 + 1, 16) and state.sizes.shape == (3, 6, 1)
+    for j, r in enumerate(rows.tolist()):
+        alone = PatchSelectionHook(0, 0.5, detector, text=text[j:j + 1])
+        ref, ref_state = alone.after_block(0, hidden[r:r + 1], MergeState(sizes=sizes[r:r + 1]))
+        torch.testing.assert_close(out[j:j + 1], ref, rtol=0, atol=0)
+        torch.testing.assert_close(state.sizes[j:j + 1], ref_state.sizes, rtol=0, atol=0)
+        assert torch.equal(hook.kept[j:j + 1], alone.kept)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fuse_weights="sigmoid"), r"fuse_weights.*'sigmoid'"),
+        (dict(rows=torch.tensor([0, 1])), r"rows needs text, one row index per text.*\(2,\).*\(3, 8\)"),
+    ],
+)
+def test_bad_hook_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PatchSelectionHook(0, 0.5, TextAwarePatchDetector(16, 8), text=torch.randn(3, 8), **kwargs)

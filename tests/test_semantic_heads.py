@@ -98,3 +98,32 @@ def test_region_features_of_the_wrong_size_are_refused_naming_teacher_size(dim):
     targets = _targets(D=dim)
     with pytest.raises(ValueError, match=rf"region_features has feature size {dim} .*teacher_size=8"):
         _heads(region_feature=True)(torch.randn(4, 16, 32), **targets)
+
+
+def test_patch_index_takes_every_target_at_the_kept_grid_positions():
+    """Heads reading K kept patches (patch_index (B, K)) score them against the targets at those positions: the
+    same losses as the full-grid call on a grid whose other patches carry no target, gathered here by hand."""
+    torch.manual_seed(0)
+    heads = _heads(object_class=True, attribute=True, region_feature=True)
+    t = _targets()
+    B, P, K = 4, 16, 6
+    patch_index = torch.stack([torch.randperm(P)[:K].sort().values for _ in range(B)])  # (B, K)
+    x = torch.randn(B, K, 32)
+    got = heads(x, **t, patch_index=patch_index)
+    by_hand = dict(
+        class_labels=torch.stack([t["class_labels"][b, patch_index[b]] for b in range(B)]),
+        attribute_labels=torch.stack([t["attribute_labels"][b, patch_index[b]] for b in range(B)]),
+        attribute_mask=torch.stack([t["attribute_mask"][b, patch_index[b]] for b in range(B)]),
+        region_box_masks=torch.stack([t["region_box_masks"][b][:, patch_index[b]] for b in range(B)]),
+        region_features=t["region_features"], region_mask=t["region_mask"],
+    )
+    ref = heads(x, **by_hand)
+    assert set(got) == set(ref) == {"object_class", "attribute", "region_feature"}
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0)
+    full = torch.arange(P).expand(B, P)  # every patch, in grid order: the plain call
+    x_full = torch.randn(B, P, 32)
+    for name, value in heads(x_full, **t, patch_index=full).items():
+        torch.testing.assert_close(value, heads(x_full, **t)[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"patch_index has shape \(4, 5\).*\(4, 6\)"):
+        heads(x, **t, patch_index=patch_index[:, :5])

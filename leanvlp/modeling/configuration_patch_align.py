@@ -11,13 +11,15 @@ from .transformers_compat import check_transformers_version
 
 check_transformers_version()  # one clear line on an unsupported release, before anything deeper fails
 
-__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES"]
+__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES", "FUSE_WEIGHTS"]
 
 # Vision towers with a CLS token at index 0 (the detector, ITC and the agnostic scores need it).
 PATCH_ALIGN_VISION_TYPES = ("vit", "clip_vision_model", "dinov2")
 DEFAULT_VISION = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, image_size=224, patch_size=16)
-DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None, prop_attn=True)
+DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None, prop_attn=True,
+                        fuse_weights="logits", itm_text_aware=False)
+FUSE_WEIGHTS = ("logits", "scores")  # what the text-aware fused token's softmax weights read
 HEAD_NAMES = ("object_class", "attribute", "region_feature")
 DEFAULT_HEADS = dict(
     object_class=dict(enabled=False, weight=1.0),
@@ -60,11 +62,20 @@ class PatchAlignConfig(PretrainedConfig):
             within the tower's depth), `keep_ratio` (0.5, in (0, 1]), `hidden_size` (the MLP width; None = the
             vision width), `prop_attn` (True: in the blocks after the detector the fused token gets ToMe's
             proportional attention, log(#fused patches) on its attention logits, so the background keeps its weight;
-            False: one plain token. The tiny ITM overfitting test converges with True and not with False).
+            False: one plain token. The tiny ITM overfitting test converges with True and not with False),
+            `fuse_weights` ("logits": the text-aware fused token weights the dropped patches by the softmax of the
+            detector's logits, i.e. in proportion to the odds s_i / (1 - s_i) of its scores; "scores": by the
+            softmax of the sigmoid scores s_i themselves, which lie in (0, 1), so no weight exceeds e times
+            another and the fuse is nearly a plain mean; the text-agnostic branch always weights by its cosine
+            scores), `itm_text_aware` (False: ITM and retrieval's ITM re-ranking read the text-agnostic image
+            tokens; True: each (image, text) pair's image is pruned by the detector with that text's [CLS], as
+            MLM and VQA are; costs one more tower pass per ITM batch).
         semantic_heads (`dict`, *optional*): `object_class`, `attribute`, `region_feature`, each
             `{"enabled": bool, "weight": float}` (`region_feature` also `"loss": "smooth_l1" | "cosine"`), and
             `layer` (1-based block whose output the heads read; None = the detector's block, or the last block
-            without a detector; must not lie after the detector's block, where the patch grid is pruned).
+            without a detector; must not lie after the detector's block, where the patch grid is pruned; or
+            "final": the tower's last block, where with the detector on the heads read the K patches the
+            text-agnostic branch kept and their targets are taken at those patches' grid positions).
         object_classes (`list[str]`): object-class vocabulary (background is added as the last class).
         attributes (`list[str]`): attribute vocabulary.
         teacher_size (`int`, defaults to 0): size of the teacher region features.
@@ -186,6 +197,14 @@ class PatchAlignConfig(PretrainedConfig):
         if unknown:
             raise ValueError(f"PatchAlignConfig.patch_detector: unknown keys {sorted(unknown)}")
         d = {**DEFAULT_DETECTOR, **(value or {})}
+        if d["fuse_weights"] not in FUSE_WEIGHTS:
+            raise ValueError(
+                f"PatchAlignConfig.patch_detector.fuse_weights must be one of {FUSE_WEIGHTS}, got {d['fuse_weights']!r}"
+            )
+        if not isinstance(d["itm_text_aware"], bool):
+            raise ValueError(
+                f"PatchAlignConfig.patch_detector.itm_text_aware must be a bool, got {d['itm_text_aware']!r}"
+            )
         if not d["enabled"]:
             return d
         depth = self.vision_config.num_hidden_layers
@@ -222,16 +241,18 @@ class PatchAlignConfig(PretrainedConfig):
         depth = self.vision_config.num_hidden_layers
         last_full = self.patch_detector["layer"] if self.patch_detector["enabled"] else depth
         layer = heads["layer"]
-        if layer is not None and (not isinstance(layer, int) or not 1 <= layer <= last_full):
+        if layer not in (None, "final") and (not isinstance(layer, int) or not 1 <= layer <= last_full):
             raise ValueError(
                 f"PatchAlignConfig.semantic_heads.layer must be an int in [1, {last_full}] (blocks before the "
-                f"patch grid is pruned), got {layer!r}"
+                f"patch grid is pruned) or 'final' (the tower's last block), got {layer!r}"
             )
         return heads
 
     @property
     def heads_layer(self) -> int:
-        """1-based block whose output the semantic heads read."""
+        """1-based block whose output the semantic heads read (past the detector's block: its kept patches)."""
+        if self.semantic_heads["layer"] == "final":
+            return self.vision_config.num_hidden_layers
         if self.semantic_heads["layer"] is not None:
             return self.semantic_heads["layer"]
         return self.patch_detector["layer"] if self.patch_detector["enabled"] else self.vision_config.num_hidden_layers

@@ -8,8 +8,10 @@ Architecture (mPLUG/ALBEF-shaped, our reading of COPA, methods.md §3):
 
 Which image tokens each path sees (the ITC image embedding must not depend on the paired text):
   - ITC, ITM, captioning LM and retrieval: the text-agnostic branch (patches scored by their cosine
-    similarity with CLS at block k). ITM uses it too, because a hard-negative pair (image j, text i)
-    would otherwise need image j re-pruned by text i.
+    similarity with CLS at block k). ITM and retrieval's ITM re-ranking use it by default, because a
+    hard-negative pair (image j, text i) needs image j re-pruned by text i; with
+    `patch_detector.itm_text_aware` they do exactly that (`encode_image_pairs`: one more tower pass,
+    blocks 1..k on the images, the rest on one row per (image, text) pair).
   - MLM and the PTA loss: the text-aware branch, scored with the [CLS] of the *masked* caption (so
     the masked words cannot leak into the patch choice). VQA: text-aware with the question's [CLS].
   Blocks 1..k run once; both branches then run the remaining blocks stacked on the batch axis.
@@ -314,7 +316,8 @@ class ImageEncoding:
     aware: Tensor | None  # (B, N', Cv) tokens pruned with the text, or None
     logits: Tensor | None  # (B, P) text-aware detector logits
     kept: Tensor | None  # (B, K)
-    patches: Tensor | None  # (B, P, Cv) unpruned patch tokens for the semantic heads
+    patches: Tensor | None  # (B, P, Cv) patch tokens for the semantic heads; (B, K, Cv) past the detector
+    patch_index: Tensor | None = None  # (B, K) grid positions of `patches` when they are the kept ones
     hidden_states: tuple[Tensor, ...] | None = None  # the agnostic branch: embeddings, then each block
     attentions: tuple[Tensor, ...] | None = None  # the agnostic branch, eager only
 
@@ -464,22 +467,39 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
             k = det["layer"] - 1
             agnostic = PatchSelectionHook(k, det["keep_ratio"])
             if text_cls is not None:
-                aware = PatchSelectionHook(k, det["keep_ratio"], self.detector, text=text_cls)
+                aware = PatchSelectionHook(k, det["keep_ratio"], self.detector, text=text_cls,
+                                           fuse_weights=det["fuse_weights"])
                 hooks.append(DualPatchSelectionHook(agnostic, aware))
             else:
                 hooks.append(agnostic)
         tower = self.vision_tower(pixel_values, hooks=hooks, output_hidden_states=output_hidden_states,
                                   output_attentions=output_attentions)
         out, B = tower.last_hidden_state, pixel_values.shape[0]
-        patches = capture.hidden[:, 1:] if capture is not None else None
+        patches = patch_index = None
+        if capture is not None and det["enabled"] and self.config.heads_layer > det["layer"]:
+            patch_index = agnostic.kept  # the agnostic rows come first; drop CLS and the fused token
+            patches = capture.hidden[:B, 1:1 + patch_index.shape[1]]  # (B, K, Cv)
+        elif capture is not None:
+            patches = capture.hidden[:, 1:]  # (B, P, Cv)
         # after the detector both branches run stacked on the batch axis: report the agnostic rows
         hidden = tuple(h[:B] for h in tower.hidden_states) if tower.hidden_states is not None else None
         maps = tuple(a[:B] for a in tower.attentions) if tower.attentions else None
         if aware is not None:
-            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, hidden, maps)
+            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, patch_index, hidden, maps)
         if det["enabled"]:
-            return ImageEncoding(out, None, None, agnostic.kept, patches, hidden, maps)
-        return ImageEncoding(out, out if text_cls is not None else None, None, None, patches, hidden, maps)
+            return ImageEncoding(out, None, None, agnostic.kept, patches, patch_index, hidden, maps)
+        return ImageEncoding(out, out if text_cls is not None else None, None, None, patches, None, hidden, maps)
+
+    def encode_image_pairs(self, pixel_values: Tensor, image_index: Tensor, text_cls: Tensor) -> Tensor:
+        """Image tokens (n, N', Cv) of n (image, text) pairs, image image_index[j] pruned by the detector with
+        text_cls[j] (n, Ct): blocks 1..k run once per image, the rest once per pair. Without a detector the
+        unpruned tokens of each pair's image."""
+        det = self.config.patch_detector
+        if not det["enabled"]:
+            return self.vision_tower(pixel_values).last_hidden_state[image_index]
+        hook = PatchSelectionHook(det["layer"] - 1, det["keep_ratio"], self.detector, text=text_cls,
+                                  fuse_weights=det["fuse_weights"], rows=image_index)
+        return self.vision_tower(pixel_values, hooks=[hook]).last_hidden_state
 
     def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:
         """Fusion layers: bidirectional self-attention over text, cross-attention to image tokens."""
@@ -670,7 +690,11 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
             neg_image = sample_hard_negatives(sim.t(), pos.t())
             texts = torch.cat([text, text[neg_text], text])
             masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-            images = torch.cat([enc.agnostic, enc.agnostic, enc.agnostic[neg_image]])
+            if cfg.patch_detector["itm_text_aware"] and cfg.patch_detector["enabled"]:
+                rows = torch.cat([torch.arange(B, device=input_ids.device).repeat(2), neg_image])  # each pair's image
+                images = pa.encode_image_pairs(pixel_values, rows, texts[:, 0])
+            else:
+                images = torch.cat([enc.agnostic, enc.agnostic, enc.agnostic[neg_image]])
             itm_logits = self.itm_head(pa.fuse(texts, masks, images)[:, 0])  # (3B, 2)
             itm_targets = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
             losses["itm"] = F.cross_entropy(itm_logits, itm_targets)
@@ -698,7 +722,7 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
             losses.update(
                 self.semantic_heads(
                     enc.patches, class_labels, attribute_labels, attribute_mask, region_box_masks, region_features,
-                    region_mask,
+                    region_mask, enc.patch_index,
                 )
             )
         loss = sum(w[name] * value for name, value in losses.items())
@@ -720,7 +744,8 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
 
 
 class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
-    """ITC scores every (image, text) pair; the ITM head re-ranks each row's top-k."""
+    """ITC scores every (image, text) pair; the ITM head re-ranks each row's top-k (on text-agnostic image tokens,
+    or with `patch_detector.itm_text_aware` on each candidate image pruned by the candidate text)."""
 
     def __init__(self, config: PatchAlignConfig):
         super().__init__(config)
@@ -728,10 +753,15 @@ class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.post_init()
 
-    def _itm_scores(self, text: Tensor, mask: Tensor, images: Tensor, pairs: Tensor) -> Tensor:
-        """pairs (n, 2) of (image, text) indices -> match probability (n,)."""
-        fused = self.patch_align.fuse(text[pairs[:, 1]], mask[pairs[:, 1]], images[pairs[:, 0]])
-        return self.itm_head(fused[:, 0]).softmax(-1)[:, 1]
+    def _itm_scores(self, text: Tensor, mask: Tensor, images: Tensor, pairs: Tensor, pixel_values: Tensor) -> Tensor:
+        """pairs (n, 2) of (image, text) indices -> match probability (n,); images: the text-agnostic tokens,
+        used unless `patch_detector.itm_text_aware` prunes each pair's image with its text."""
+        pa, (i, j), det = self.patch_align, pairs.unbind(1), self.config.patch_detector
+        if det["itm_text_aware"] and det["enabled"]:
+            image_tokens = pa.encode_image_pairs(pixel_values, i, text[j, 0])
+        else:
+            image_tokens = images[i]
+        return self.itm_head(pa.fuse(text[j], mask[j], image_tokens)[:, 0]).softmax(-1)[:, 1]
 
     def forward(
         self,
@@ -759,7 +789,8 @@ class PatchAlignForImageTextRetrieval(PatchAlignPreTrainedModel):
             if name == "t2i":
                 pairs = pairs.flip(1)  # rows are texts: (image, text) = (top, row)
             reranked = torch.full_like(scores, float("-inf"))
-            reranked[rows.flatten(), top.flatten()] = self._itm_scores(text, attention_mask, images, pairs)
+            reranked[rows.flatten(), top.flatten()] = self._itm_scores(text, attention_mask, images, pairs,
+                                                                        pixel_values)
             out[f"{name}_scores"] = reranked
         result = PatchAlignRetrievalOutput(itc_scores=itc, **out)
         return result if return_dict else result.to_tuple()

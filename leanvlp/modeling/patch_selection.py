@@ -2,7 +2,9 @@
 
 After ViT block k the detector scores every patch token, s_i = sigmoid(MLP([x_i ; t])), with t the
 text [CLS] embedding; the top K = round(keep_ratio * P) patches stay (in their spatial order) and
-the rest are fused into one token, weighted by the softmax of their scores. Later blocks then see
+the rest are fused into one token, weighted by the softmax of their detector logits (the default:
+softmax(z_i) is proportional to the odds s_i / (1 - s_i)) or of their scores s_i (`fuse_weights`;
+s_i in (0, 1) caps the ratio of any two weights at e, so that fuse is nearly a plain mean). Later blocks then see
 CLS + K + 1 tokens. With keep_ratio 1.0 every patch is kept and no fused token is added, so the
 tower's output equals the unpruned tower's exactly.
 
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configuration_patch_align import FUSE_WEIGHTS
 from .token_merging import BlockHook, MergeState
 
 __all__ = [
@@ -51,17 +54,22 @@ def select_and_fuse(
     sizes: Tensor | None = None,
     sources: Tensor | None = None,
     num_prefix: int = 1,
+    fuse_scores: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Keep the `keep` best-scoring patches, fuse the rest into one token.
 
     hidden (B, N, C) with `num_prefix` leading tokens (CLS) that always stay; scores (B, P) for the
-    P = N - num_prefix patches (higher = more relevant). Returns hidden (B, num_prefix + K + 1, C)
+    P = N - num_prefix patches (higher = more relevant). The fused token is the softmax(fuse_scores)-weighted
+    mean of the dropped patches; fuse_scores (B, P) defaults to `scores` and must rank like them (the
+    detector passes its logits while ranking by their sigmoid). Returns hidden (B, num_prefix + K + 1, C)
     (no fused token when K == P), sizes, sources and the kept patch indices (B, K), sorted.
     """
     B, N, C = hidden.shape
     P = N - num_prefix
-    if scores.shape != (B, P):
-        raise ValueError(f"scores must have shape {(B, P)}, got {tuple(scores.shape)}")
+    fuse_scores = scores if fuse_scores is None else fuse_scores
+    for name, value in (("scores", scores), ("fuse_scores", fuse_scores)):
+        if value.shape != (B, P):
+            raise ValueError(f"{name} must have shape {(B, P)}, got {tuple(value.shape)}")
     prefix, patches = hidden[:, :num_prefix], hidden[:, num_prefix:]  # (B, n, C), (B, P, C)
     if keep >= P:
         return hidden, sizes, sources, torch.arange(P, device=hidden.device).expand(B, P)
@@ -72,7 +80,7 @@ def select_and_fuse(
     def take(t: Tensor, idx: Tensor) -> Tensor:  # gather along the token axis of a (B, P, D) tensor
         return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
-    weights = scores.gather(1, dropped).softmax(dim=1)[..., None]  # (B, P - K, 1)
+    weights = fuse_scores.gather(1, dropped).softmax(dim=1)[..., None]  # (B, P - K, 1)
     fused = (weights * take(patches, dropped)).sum(1, keepdim=True)  # (B, 1, C)
     out = torch.cat([prefix, take(patches, kept), fused], dim=1)  # (B, n + K + 1, C)
     if sizes is not None:
@@ -109,11 +117,22 @@ class TextAwarePatchDetector(nn.Module):
         return self.fc2(F.gelu(self.fc1(h))).squeeze(-1)
 
 
+def _take_rows(state: MergeState, rows: Tensor) -> MergeState:
+    """The block-loop state of the batch rows `rows` (n,), in that order (rows may repeat)."""
+    return replace(state, **{name: None if getattr(state, name) is None else getattr(state, name)[rows]
+                             for name in ("sizes", "sources", "relevance")})
+
+
 class PatchSelectionHook(BlockHook):
     """Prunes the sequence after block `layer_idx`; one hook object per forward call.
 
-    text (B, T) selects the text-aware detector; text=None the text-agnostic CLS-similarity scores.
-    After the call, `logits` (B, P) (text-aware only), `scores` (B, P) and `kept` (B, K) hold what
+    text (n, T) selects the text-aware detector; text=None the text-agnostic CLS-similarity scores.
+    rows (n,) (text-aware only) pairs text j with batch row rows[j] of the tower (an image scored against
+    several texts, e.g. ITM's pairs): the tower continues on n rows. Default: row j with text j.
+    fuse_weights: the text-aware fused token's weights are a softmax over the dropped patches' detector
+    "logits" or over their sigmoid "scores" (the latter lie in (0, 1), so their softmax is almost uniform);
+    the text-agnostic scores have no logits and always weight by softmax(scores).
+    After the call, `logits` (n, P) (text-aware only), `scores` (n, P) and `kept` (n, K) hold what
     the detector decided, for the PTA loss and for visualisation.
     """
 
@@ -124,12 +143,21 @@ class PatchSelectionHook(BlockHook):
         detector: TextAwarePatchDetector | None = None,
         text: Tensor | None = None,
         num_prefix: int = 1,
+        fuse_weights: str = "logits",
+        rows: Tensor | None = None,
     ):
         if text is not None and detector is None:
             raise ValueError("a text-aware PatchSelectionHook needs a detector")
+        if fuse_weights not in FUSE_WEIGHTS:
+            raise ValueError(f"PatchSelectionHook: fuse_weights must be one of {FUSE_WEIGHTS}, got {fuse_weights!r}")
+        if rows is not None and (text is None or rows.shape != text.shape[:1]):
+            raise ValueError("PatchSelectionHook: rows needs text, one row index per text "
+                             f"(rows {None if rows is None else tuple(rows.shape)}, "
+                             f"text {None if text is None else tuple(text.shape)})")
         num_kept_patches(1, keep_ratio)  # validates keep_ratio
         self.layer_idx, self.keep_ratio = layer_idx, keep_ratio
         self.detector, self.text, self.num_prefix = detector, text, num_prefix
+        self.fuse_weights, self.rows = fuse_weights, rows
         self.logits: Tensor | None = None
         self.scores: Tensor | None = None
         self.kept: Tensor | None = None
@@ -137,15 +165,19 @@ class PatchSelectionHook(BlockHook):
     def after_block(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
         if layer_idx != self.layer_idx:
             return hidden, state
-        patches = hidden[:, self.num_prefix :]  # (B, P, C)
+        if self.rows is not None:
+            hidden, state = hidden[self.rows], _take_rows(state, self.rows)  # (n, N, C)
+        patches = hidden[:, self.num_prefix :]  # (n, P, C)
+        fuse_scores = None
         if self.text is None:
             self.scores = cls_similarity_scores(hidden, self.num_prefix)
         else:
             self.logits = self.detector(patches, self.text)
             self.scores = self.logits.sigmoid()
+            fuse_scores = self.logits if self.fuse_weights == "logits" else self.scores
         keep = num_kept_patches(patches.shape[1], self.keep_ratio)
         hidden, sizes, sources, self.kept = select_and_fuse(
-            hidden, self.scores, keep, state.sizes, state.sources, self.num_prefix
+            hidden, self.scores, keep, state.sizes, state.sources, self.num_prefix, fuse_scores
         )
         return hidden, replace(state, sizes=sizes, sources=sources)
 

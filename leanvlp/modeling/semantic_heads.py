@@ -8,6 +8,10 @@ attribute and region-feature knowledge a detector's region features carry:
 - region feature: patch tokens pooled inside each box regress the teacher feature of that region
   (smooth-L1 or 1 - cosine).
 
+The heads read either the full patch grid (a block before the patch detector prunes it) or a subset
+of its patches (the kept ones after pruning): `patch_index` (B, K) then names each token's grid
+position and every target is taken at those positions (a box with no kept patch counts as absent).
+
 A switched-off head is never built (no parameters, no loss). Every loss is a mean over the
 annotated items only (patches of annotated samples, patches inside boxes, valid boxes), so
 samples without annotations contribute zero and do not dilute the batch's loss; a batch without
@@ -20,9 +24,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ObjectClassHead", "AttributeHead", "RegionFeatureHead", "SemanticHeads", "IGNORE_INDEX"]
+__all__ = ["ObjectClassHead", "AttributeHead", "RegionFeatureHead", "SemanticHeads", "IGNORE_INDEX", "take_patches"]
 
 IGNORE_INDEX = -100
+
+
+def take_patches(targets: Tensor, patch_index: Tensor, dim: int = 1) -> Tensor:
+    """targets with the patch axis `dim` (size P) reduced to the K positions patch_index (B, K), per sample."""
+    shape = list(targets.shape)
+    shape[dim] = patch_index.shape[1]
+    index = patch_index.view(patch_index.shape[0], *([1] * (dim - 1)), patch_index.shape[1],
+                             *([1] * (targets.dim() - dim - 1)))
+    return targets.gather(dim, index.expand(shape))
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -132,7 +145,20 @@ class SemanticHeads(nn.Module):
         region_box_masks: Tensor | None = None,
         region_features: Tensor | None = None,
         region_mask: Tensor | None = None,
+        patch_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """patches (B, P, C) on the full grid, or (B, K, C) at the grid positions patch_index (B, K)."""
+        if patch_index is not None:
+            if patch_index.shape != patches.shape[:2]:
+                raise ValueError(f"SemanticHeads: patch_index has shape {tuple(patch_index.shape)}, the patches "
+                                 f"{tuple(patches.shape[:2])}")
+
+            def take(t: Tensor | None, dim: int = 1) -> Tensor | None:
+                return None if t is None else take_patches(t, patch_index, dim)
+
+            class_labels, attribute_labels = take(class_labels), take(attribute_labels)
+            attribute_mask = take(attribute_mask)
+            region_box_masks = take(region_box_masks, 2)  # (B, M, K)
         losses: dict[str, Tensor] = {}
         if hasattr(self, "object_class") and class_labels is not None:
             losses["object_class"] = self.object_class.loss(patches, class_labels)
