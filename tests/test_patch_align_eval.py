@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -129,6 +130,21 @@ def test_keep_ratio_one_is_the_detector_off_and_retrieval_scores_match_the_retri
     top = own.i2t_scores.isfinite()  # each image's top-2 texts: ITM probability + 10, above every ITC score
     torch.testing.assert_close(reranked[top], own.i2t_scores[top] + 10.0, rtol=0, atol=1e-5)
     assert (reranked[top].min() > 9.0) and (reranked[~top & ~own.t2i_scores.t().isfinite()].abs() <= 1.0).all()
+
+    # patch_detector.itm_text_aware: eval's re-ranking prunes each pair's image by that pair's text, as the head does
+    # (noise images: every patch differs, so which ones the detector keeps matters)
+    rng = np.random.default_rng(0)
+    noisy = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    noisy_inputs = ev.processor(images=noisy, text=texts)
+    with torch.no_grad():
+        agnostic = patch_align_retrieval_scores(model, ev.processor, noisy, texts, k=2, batch_size=3)
+        model.config.patch_detector["itm_text_aware"] = True
+        aware = model(**noisy_inputs, k=2)
+    aware_reranked = patch_align_retrieval_scores(model, ev.processor, noisy, texts, k=2, batch_size=3)
+    top = aware.i2t_scores.isfinite()
+    torch.testing.assert_close(aware_reranked[top], aware.i2t_scores[top] + 10.0, rtol=0, atol=1e-5)
+    print("max |text-aware - agnostic| ITM prob:", float((aware_reranked[top] - agnostic[top]).abs().max()))
+    assert not torch.allclose(aware_reranked[top], agnostic[top], rtol=0, atol=1e-6)  # the pruning did change
 
 
 @pytest.mark.slow

@@ -63,6 +63,8 @@ from datasets import Image as ImageFeature  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 
+from leanvlp.data.collate import PatchAlignCollator  # noqa: E402
+from leanvlp.data.pairs import to_pairs  # noqa: E402
 from leanvlp.data.shapes import make_shapes_dataset  # noqa: E402
 from leanvlp.evaluation import patch_align_retrieval_scores  # noqa: E402
 from leanvlp.metrics import retrieval_recall  # noqa: E402
@@ -73,11 +75,9 @@ from leanvlp.training import (  # noqa: E402
     LeanTrainer,
     LeanTrainingArguments,
     ModelArguments,
-    PatchAlignCollator,
     annotation_vocab,
     build_patch_align,
     corpus_of,
-    to_pairs,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

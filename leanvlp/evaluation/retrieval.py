@@ -68,9 +68,11 @@ def patch_align_retrieval_scores(model: Any, processor: Any, images: Sequence[PI
     text's top-k images) are re-ranked by the ITM match probability, placed above every other pair.
 
     Works on any PatchAlign head with `patch_align` and `itm_head` (pretraining or retrieval). Images are
-    encoded once (text-agnostic tokens), texts once; ITM runs on the candidate pairs in batches.
+    encoded once (text-agnostic tokens), texts once; ITM runs on the candidate pairs in batches, each pair's image
+    pruned by its own text when the config says `patch_detector.itm_text_aware`.
     """
     pa = model.patch_align
+    text_aware = pa.config.patch_detector["enabled"] and pa.config.patch_detector["itm_text_aware"]
     image_tokens = torch.cat([pa.encode_image(pixels_on_model(processor, images[s:s + batch_size], model)).agnostic
                               for s in range(0, len(images), batch_size)])  # (I, N', Cv)
     tokens = processor.tokenizer(list(texts), padding=True, truncation=True, max_length=processor.max_length,
@@ -90,7 +92,13 @@ def patch_align_retrieval_scores(model: Any, processor: Any, images: Sequence[PI
     mask = tokens["attention_mask"]
     for s in range(0, len(pairs_t), batch_size):
         i, j = pairs_t[s:s + batch_size].unbind(1)
-        fused = pa.fuse(text[j], mask[j], image_tokens[i])
+        if text_aware:  # each pair's image pruned by that pair's text (patch_detector.itm_text_aware)
+            unique, rows = i.unique(return_inverse=True)
+            pixels = pixels_on_model(processor, [images[u] for u in unique.tolist()], model)
+            pair_tokens = pa.encode_image_pairs(pixels, rows, text[j][:, 0])  # (n, N', Cv)
+        else:
+            pair_tokens = image_tokens[i]
+        fused = pa.fuse(text[j], mask[j], pair_tokens)
         probs.append(model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1])
     scores = itc.clone()
     scores[pairs_t[:, 0], pairs_t[:, 1]] = 10.0 + torch.cat(probs)  # ITC lies in [-1, 1]: candidates rank first
