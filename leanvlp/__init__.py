@@ -25,7 +25,7 @@ from .modeling.vision_tower import TokenMergingVisionTower
 from .processing.processing_merge_bridge import MergeBridgeProcessor
 from .processing.processing_patch_align import PatchAlignProcessor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # One entry per model family.
 ENTRIES: list[AutoEntry] = [
