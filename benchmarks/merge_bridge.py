@@ -94,9 +94,14 @@ def main() -> None:
     use_bf16 = args.dtype == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
 
+    def use(name: str) -> None:
+        """The bridge's merging, in the module and in the config (the model checks its inputs against the config)."""
+        model.bridge.encoder.merging = settings[name]
+        model.config.bridge_merging = settings[name].to_dict()
+
     flops = {}
-    for name, cfg in settings.items():
-        model.bridge.encoder.merging = cfg
+    for name in settings:
+        use(name)
         with FlopCounterMode(display=False) as counter:
             with autocast():
                 loss = model(**batches[name]).loss
@@ -106,7 +111,7 @@ def main() -> None:
 
     def timed_step(name: str) -> Callable[[], None]:
         def run() -> None:
-            model.bridge.encoder.merging = settings[name]
+            use(name)
             step(model, optimizer, batches[name], autocast)
         return run
 

@@ -100,15 +100,16 @@ class MergeBridgeEvaluator(_SpeedCalls):
     @contextmanager
     def setting(self, r: Any) -> Iterator[None]:
         """Run the bridge with r merges per layer (None: the config's) and expand `<image>` to match."""
-        encoder = self.model.bridge.encoder
-        saved = encoder.merging, self.processor.num_image_tokens
-        if r is not None:
+        encoder, config = self.model.bridge.encoder, self.model.config
+        saved = encoder.merging, config.bridge_merging, self.processor.num_image_tokens
+        if r is not None:  # the module and the config together: the model checks its inputs against the config
             encoder.merging = dataclasses.replace(encoder.merging, r=r)
+            config.bridge_merging = encoder.merging.to_dict()
         self.processor.num_image_tokens = self.derived_tokens()["llm_prefix"]
         try:
             yield
         finally:
-            encoder.merging, self.processor.num_image_tokens = saved
+            encoder.merging, config.bridge_merging, self.processor.num_image_tokens = saved
 
     def derived_tokens(self) -> dict[str, Any]:
         """Visual tokens at each stage as the configs predict them (for the current setting)."""
