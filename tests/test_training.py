@@ -160,7 +160,7 @@ def test_unknown_names_are_clear_errors():
         parse_args(["--dataset", "imagenet"])
     with pytest.raises(ValueError, match="--bridge_r"):
         parse_r("sixteen")
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ValueError, match="no such file 'nope.yaml'"):  # a UsageError: exit code 2 (test_cli)
         parse_args(["--config", "nope.yaml"])
 
 

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import transformers
+
 from ..model_card import card_kwargs_from_folder, write_model_card
 from .arguments import EvalArguments, dataset_id, load_eval_data, parse_args
 from .families import load_evaluator
@@ -19,6 +22,9 @@ from .speed import run_speed, run_sweep
 def run_evaluation(args: EvalArguments) -> list[dict[str, Any]]:
     """Evaluate, write eval_results.json and README.md into the model folder; returns the new entries."""
     sweep = args.sweep_values  # bad --sweep fails before any work
+    if not args.progress:  # every bar: ours (tqdm), datasets' map / build bars, transformers' weight loading
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     model_dir = Path(args.model)
     ev = load_evaluator(model_dir, args.task, args.device, args.dtype)
     if sweep:

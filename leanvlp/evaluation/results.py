@@ -50,3 +50,5 @@ def print_entry(entry: dict[str, Any]) -> None:
         print(f"peak memory: {entry['memory_measure']}")
     if "example" in entry:
         print(f"example: {entry['example']!r}")
+    for line in entry.get("warnings") or []:
+        print(f"warning: {line}")

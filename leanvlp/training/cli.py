@@ -16,6 +16,8 @@ from ..data import make_shapes_splits
 from ..data.collate import ImageCollator, MergeBridgeCollator, PatchAlignCollator
 from ..data.pairs import eval_rows, load_split, to_pairs
 from ..evaluation import caption_report, patch_align_report
+from ..evaluation.generation import object_mentions
+from ..cli_args import UsageError
 from .arguments import DataArguments, ModelArguments, parse_args
 from .models import annotation_vocab, apply_lora, build_merge_bridge, build_patch_align, corpus_of
 from .trainer import CollatorEpoch, LeanTrainer, is_loss_term, save_loss_curve
@@ -28,7 +30,7 @@ def load_schema_data(args: DataArguments, image_size: int) -> tuple[Dataset | It
                                     image_size=max(image_size, 32))
         return splits["train"], splits["eval"]
     if args.data_path is None:
-        raise ValueError(f"--dataset {args.dataset}: --data_path is required")
+        raise UsageError(f"--dataset {args.dataset}: --data_path is required")
     columns = {"image_column": args.image_column, "caption_column": args.caption_column}
     train = load_split(args.dataset, args.data_path, args.train_split, streaming=args.streaming,
                        skip_bad=args.skip_bad_samples, **columns)
@@ -38,7 +40,11 @@ def load_schema_data(args: DataArguments, image_size: int) -> tuple[Dataset | It
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`train.py` / `leanvlp-train`: train, save the folder (model, processor, card, summary), print the numbers."""
-    model_args, data_args, train_args = parse_args(argv)
+    try:
+        model_args, data_args, train_args = parse_args(argv)
+    except UsageError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     set_seed(train_args.seed)
     start = time.time()
     train_data, eval_data = load_schema_data(data_args, model_args.tiny_image_size)
@@ -62,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         collator = MergeBridgeCollator(processor, data_args.task, data_args.skip_bad_samples)
 
         def report(m: Any) -> dict | None:
-            return caption_report(m, processor, rows, data_args.task, data_args.max_new_tokens) if rows else None
+            if not rows:
+                return None
+            out = caption_report(m, processor, rows, data_args.task, data_args.max_new_tokens)
+            return {**out, **object_mentions(out, eval_data)} if data_args.task == "caption" else out
     before = report(model)
     if model_args.lora_r > 0:
         model = apply_lora(model, model_args)
