@@ -74,9 +74,11 @@ def test_every_task_writes_results_that_equal_the_cards_model_index(evaluated: P
     results = entries(evaluated)
     assert set(results) == {("caption", None), ("vqa", None), ("retrieval", None), ("speed", None),
                             ("speed", "sweep")}  # train.py's caption entry was replaced, not duplicated
-    assert all(e["dataset"] == "leanvlp/shapes" and e["split"] == "held-out" for e in results.values())
+    assert all(e["dataset"] == "leanvlp-shapes" and e["split"] == "held-out[:4]" for e in results.values())
+    assert results["caption", None]["dataset_name"] == "leanvlp shapes (procedural; held-out images from index 1,000,000)"
     caption = results["caption", None]["metrics"]
-    assert set(caption) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "token_accuracy"}
+    assert set(caption) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "token_accuracy",
+                            "object_precision", "object_recall", "object_f1"}
     assert results["caption", None]["num_images"] == 4
     assert set(results["vqa", None]["metrics"]) == {"vqa_accuracy", "token_accuracy"}
     assert results["vqa", None]["num_questions"] > 4  # every question of the 4 images, not one per image
@@ -96,15 +98,23 @@ def test_every_task_writes_results_that_equal_the_cards_model_index(evaluated: P
 
 
 @pytest.mark.slow
-def test_rerunning_a_task_replaces_only_its_entry(evaluated: Path, tmp_path: Path):
+def test_rerunning_a_task_replaces_only_its_entry_and_a_smaller_run_stays_beside_it(evaluated: Path, tmp_path: Path,
+                                                                                    capsys):
     folder = tmp_path / "copy"
     shutil.copytree(evaluated, folder)
     before = entries(folder)
+    assert main(["--model", str(folder), "--task", "caption", *SMALL]) == 0  # same 4 images: replaced
+    assert entries(folder).keys() == before.keys()
+    capsys.readouterr()
     assert main(["--model", str(folder), "--task", "caption", *SMALL, "--num_images", "2"]) == 0
-    after = entries(folder)
-    assert after["caption", None]["num_images"] == 2
-    assert {k: v for k, v in after.items() if k != ("caption", None)} == \
-        {k: v for k, v in before.items() if k != ("caption", None)}
+    assert "keeps the caption entry on split held-out[:4] beside this one on held-out[:2]" in capsys.readouterr().out
+    results = json.loads((folder / "eval_results.json").read_text())["results"]
+    captions = [e for e in results if e["task"] == "caption"]
+    assert sorted(e["num_images"] for e in captions) == [2, 4]  # the 4-image entry is not silently replaced
+    assert [e for e in results if e["task"] != "caption"] == [e for k, e in before.items() if k != ("caption", None)]
+    splits = {r.dataset_split for r in ModelCard.load(folder / "README.md").data.eval_results
+              if r.task_type == "image-to-text"}
+    assert splits == {"held-out[:2]", "held-out[:4]"}
 
 
 def expected_unmerged_encode_flops(config) -> int:

@@ -62,6 +62,7 @@ def test_each_small_config_trains_a_few_steps(config, tmp_path):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2
     results = json.loads((out / "eval_results.json").read_text())["results"][0]
+    assert (results["dataset"], results["split"], results["num_images"]) == ("leanvlp-shapes", "held-out[:4]", 4)
     from transformers import AutoModelForImageTextToText
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
@@ -79,6 +80,19 @@ def test_each_small_config_trains_a_few_steps(config, tmp_path):
     else:
         assert results["metrics"]["token_accuracy"] >= 0.0
         assert reloaded.config.num_image_tokens == summary["visual_tokens"]
+
+
+def test_train_and_eval_score_the_same_held_out_images():
+    """One held-out split: train.py's before/after images are eval.py's default ones, and no training image."""
+    from leanvlp.evaluation import EvalArguments, load_eval_data
+
+    model_args, data_args, _ = parse_args(FAST)
+    train, held_out = load_schema_data(data_args, model_args.tiny_image_size)
+    evaluated = load_eval_data(EvalArguments(model="unused", task="caption", num_images=4), 32)
+    assert held_out["image_id"] == evaluated["image_id"] == [f"shapes-0-{1_000_000 + i}" for i in range(4)]
+    assert held_out["captions"] == evaluated["captions"]
+    assert train["image_id"] == [f"shapes-0-{i}" for i in range(24)]
+    assert main([*FAST, "--num_train_images", "1000001"]) == 2  # would reach into the held-out images
 
 
 def test_lora_run_changes_only_adapters_and_bridge(tmp_path):

@@ -40,13 +40,17 @@ __all__ = [
     "COLOURS",
     "DIRECTIONS",
     "GAP",
+    "HELD_OUT_START",
     "PLURALS",
     "RELATIONS",
+    "SHAPES_DATASET_ID",
     "SHAPES",
     "SIZES",
     "generate_shapes_row",
     "generate_video_row",
+    "held_out_name",
     "make_shapes_dataset",
+    "make_shapes_held_out",
     "make_shapes_splits",
     "make_video_shapes_dataset",
     "relation_holds",
@@ -78,6 +82,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 DIRECTIONS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 NUM_ANSWERS = 10
 CHUNK_ROWS = 1000
+HELD_OUT_START = 1_000_000  # first index of the held-out images (make_shapes_held_out)
+SHAPES_DATASET_ID = "leanvlp-shapes"  # its id in eval results: built in code, not a Hub dataset
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -343,6 +349,20 @@ def make_shapes_dataset(num_images: int, image_size: int = 64, seed: int = 0, st
     if columns["image"] or not chunks:
         chunks.append(Dataset.from_dict(columns, features=FEATURES))
     return chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
+
+
+def make_shapes_held_out(num_images: int, image_size: int = 64, seed: int = 0) -> Dataset:
+    """The held-out images that train.py (before / after) and eval.py both score: rows `HELD_OUT_START` on.
+
+    One definition for both, so "held-out" in a card means the same images whichever script wrote it; training
+    draws from index 0 on, so the two never overlap below `HELD_OUT_START` training images.
+    """
+    return make_shapes_dataset(num_images, image_size=image_size, seed=seed, start_index=HELD_OUT_START)
+
+
+def held_out_name() -> str:
+    """The held-out split's display name (model cards); the split `held-out[:N]` says how many images."""
+    return f"leanvlp shapes (procedural; held-out images from index {HELD_OUT_START:,})"
 
 
 def make_shapes_splits(sizes: dict[str, int], image_size: int = 64, seed: int = 0) -> DatasetDict:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from datasets import Dataset
 
 from ..cli_args import HelpGroup, LeanArgumentParser
-from ..data import make_shapes_dataset
+from ..data.shapes import SHAPES_DATASET_ID, held_out_name, make_shapes_held_out
 from ..data.pairs import load_split
 
 
 TASKS = ("caption", "vqa", "retrieval", "speed")
 DATA_KINDS = ("shapes", "coco", "hf")
-HELD_OUT_START = 1_000_000  # first shapes index of eval images: never among the training images
 DEFAULT_SPLITS = {"shapes": "held-out", "coco": "val2017", "hf": "validation"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -113,13 +113,18 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArguments:
 def load_eval_data(args: EvalArguments, image_size: int) -> Dataset:
     """The first `num_images` images of the eval set, in leanvlp's row schema; an empty set is an error."""
     if args.data == "shapes":
-        return make_shapes_dataset(args.num_images, image_size=max(image_size, 32), start_index=HELD_OUT_START)
+        return make_shapes_held_out(args.num_images, image_size=max(image_size, 32))  # train.py's held-out split
     data = load_split(args.data, args.data_path, args.split, args.image_column, args.caption_column)
     if len(data) == 0:
         raise ValueError(f"dataset {args.data_path!r} (split {args.split!r}) is empty: no images to evaluate")
     return data.select(range(min(args.num_images, len(data))))
 
 
-def dataset_id(args: EvalArguments) -> str:
-    """The dataset's name in eval_results.json (the same as train.py writes)."""
-    return "leanvlp/shapes" if args.data == "shapes" else str(args.data_path)
+def dataset_fields(kind: str, data_path: str | None, split: str, num_images: int) -> dict[str, Any]:
+    """An eval_results.json entry's dataset id, display name and split, the same from train.py and eval.py. The
+    split names the images scored, `held-out[:100]` (datasets' slice syntax: the first 100), so runs on different
+    numbers of images are different model-index entries. Shapes is `SHAPES_DATASET_ID` (built in code, no Hub id)."""
+    sliced = f"{split}[:{num_images}]"
+    if kind == "shapes":
+        return {"dataset": SHAPES_DATASET_ID, "dataset_name": held_out_name(), "split": sliced}
+    return {"dataset": str(data_path), "split": sliced}

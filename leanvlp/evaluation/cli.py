@@ -11,7 +11,7 @@ import datasets
 import transformers
 
 from ..model_card import card_kwargs_from_folder, write_model_card
-from .arguments import EvalArguments, dataset_id, load_eval_data, parse_args
+from .arguments import EvalArguments, dataset_fields, load_eval_data, parse_args
 from .families import load_evaluator
 from .generation import run_generation_task
 from .results import print_entry, update_eval_results
@@ -30,7 +30,9 @@ def run_evaluation(args: EvalArguments) -> list[dict[str, Any]]:
     if sweep:
         ev.check_sweep(sweep)
     data = load_eval_data(args, ev.image_size())
-    base = {"task": args.task, "dataset": dataset_id(args), "split": args.split}
+    base = {"task": args.task, **dataset_fields(args.data, args.data_path, args.split, len(data))}
+    if args.task != "speed":  # speed times one batch; its entry says how many images (batch_images)
+        base["num_images"] = len(data)
     if args.task in ("caption", "vqa"):
         results = [{**base, **run_generation_task(ev, data, args)}]
     elif args.task == "retrieval":

@@ -14,12 +14,14 @@ import yaml
 from transformers import TrainingArguments
 
 from ..cli_args import HelpGroup, LeanArgumentParser, UsageError
+from ..data.shapes import HELD_OUT_START
 
 
 FAMILIES = ("merge_bridge", "patch_align")
 TASKS = ("caption", "vqa", "pretrain", "retrieval")
 DATASETS = ("shapes", "coco", "hf")
 HEADS = ("object_class", "attribute", "region_feature")
+CAPTION_CHOICES = ("all", "longest")
 
 
 @dataclass
@@ -84,6 +86,9 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "hf: stream the training split (needs --max_steps)"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and count corrupt samples"})
     max_new_tokens: int = field(default=20, metadata={"help": "longest generated caption / answer when scoring"})
+    train_captions: str = field(default="all", metadata={
+        "help": "caption task: train on 'all' of an image's captions, or only its 'longest' (the most complete "
+                "description, which greedy decoding then reproduces)"})
 
 
 @dataclass
@@ -101,6 +106,9 @@ class LeanTrainingArguments(TrainingArguments):
     save_strategy: str = "steps"
     save_steps: int = 200
     save_total_limit: int = 2
+    eval_strategy: str = field(default="steps", metadata={"help": "held-out loss every eval_steps (= logging_steps)"})
+    per_device_eval_batch_size: int = 32
+    prediction_loss_only: bool = True  # the held-out loss only; quality metrics come from the before/after reports
     remove_unused_columns: bool = False
     dataloader_drop_last: bool = True
     seed: int = 0
@@ -205,11 +213,16 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         raise UsageError(f"--task: unknown task {data_args.task!r}; choose one of {TASKS}")
     if data_args.dataset not in DATASETS:
         raise UsageError(f"--dataset: unknown dataset kind {data_args.dataset!r}; choose one of {DATASETS}")
+    if data_args.train_captions not in CAPTION_CHOICES:
+        raise UsageError(f"--train_captions: expected one of {CAPTION_CHOICES}, got {data_args.train_captions!r}")
     if data_args.dataset != "shapes" and data_args.data_path is None:
         raise UsageError(f"--dataset {data_args.dataset}: --data_path is required (a COCO folder or a datasets "
                          "path / Hub id)")
     if model_args.family == "merge_bridge" and data_args.task not in ("caption", "vqa"):
         raise UsageError(f"--task {data_args.task!r}: MergeBridge trains on 'caption' or 'vqa'")
+    if data_args.dataset == "shapes" and data_args.num_train_images > HELD_OUT_START:
+        raise UsageError(f"--num_train_images {data_args.num_train_images}: shapes training images must stay below "
+                         f"the held-out split, which starts at image {HELD_OUT_START:,}")
     for name in ("num_train_images", "max_new_tokens"):
         if getattr(data_args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(data_args, name)}")
