@@ -15,7 +15,7 @@ Relations: ``A left of B`` means A's box ends (x + w) at or before B's box start
 likewise on y. Boxes are at least ``GAP`` pixels apart, so every pair has at least one relation.
 Answers repeat the single correct answer 10 times (VQAv2 form with 10 agreeing annotators).
 
-CLI: ``python -m leanvlp.data.shapes --num-images 1000 [--image-size 64 --seed 0 --out DIR]``.
+CLI: ``python -m leanvlp.data --num-images 1000 [--image-size 64 --seed 0 --out DIR]``.
 """
 
 from __future__ import annotations
@@ -487,7 +487,8 @@ def _format_counter(counter: Counter) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded shapes dataset and print its statistics.")
+    parser = argparse.ArgumentParser(prog="python -m leanvlp.data",
+                                     description="Build the embedded shapes dataset and print its statistics.")
     parser.add_argument("--num-images", type=int, required=True)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -515,5 +516,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved dataset to {args.out / 'dataset'} and a sample grid to {grid}")
 
 
-if __name__ == "__main__":
+
+if __name__ == "__main__":  # the older spelling; `python -m leanvlp.data` runs the same without runpy's warning
     main()
