@@ -21,7 +21,7 @@ FAMILIES = ("merge_bridge", "patch_align")
 TASKS = ("caption", "vqa", "pretrain", "retrieval")
 DATASETS = ("shapes", "coco", "hf")
 HEADS = ("object_class", "attribute", "region_feature")
-CAPTION_CHOICES = ("all", "longest")
+CAPTION_CHOICES = ("all", "consensus")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class ModelArguments:
         "help": "dropout in the bridge's BERT layers (hidden and attention; BERT's 0.1) when the bridge is new"})
     vision_r: int = field(default=0, metadata={"help": "token merging inside the vision tower"})
     freeze_vision: bool | None = field(default=None, metadata={
-        "help": "freeze the vision tower (default: True for MergeBridge, False for PatchAlign, trained end to end)"})
+        "help": "freeze the vision tower (default: frozen when MergeBridge starts from a pretrained tower or "
+                "checkpoint; trained when the tower is built from scratch, and for PatchAlign)"})
     freeze_llm: bool = field(default=False, metadata={
         "help": "freeze the LLM (PatchAlign: the BERT text encoder); the tiny demo trains its random LLM"})
     tiny_image_size: int = field(default=64, metadata={"help": "tiny ViT: image side in pixels"})
@@ -86,9 +87,10 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "hf: stream the training split (needs --max_steps)"})
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip and count corrupt samples"})
     max_new_tokens: int = field(default=20, metadata={"help": "longest generated caption / answer when scoring"})
-    train_captions: str = field(default="all", metadata={
-        "help": "caption task: train on 'all' of an image's captions, or only its 'longest' (the most complete "
-                "description, which greedy decoding then reproduces)"})
+    train_captions: str | None = field(default=None, metadata={
+        "help": "caption task: train on 'all' of an image's captions, or on its 'consensus' caption only (the one "
+                "sharing the most words with the others: one consistent target that greedy decoding reproduces); "
+                "default: consensus on shapes, all elsewhere"})
 
 
 @dataclass
@@ -97,7 +99,7 @@ class LeanTrainingArguments(TrainingArguments):
 
     output_dir: str = "outputs/tiny-merge-bridge"
     per_device_train_batch_size: int = 32
-    num_train_epochs: float = 3.0
+    num_train_epochs: float = 10.0
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: float = 0.05
@@ -213,7 +215,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         raise UsageError(f"--task: unknown task {data_args.task!r}; choose one of {TASKS}")
     if data_args.dataset not in DATASETS:
         raise UsageError(f"--dataset: unknown dataset kind {data_args.dataset!r}; choose one of {DATASETS}")
-    if data_args.train_captions not in CAPTION_CHOICES:
+    if data_args.train_captions not in (*CAPTION_CHOICES, None):
         raise UsageError(f"--train_captions: expected one of {CAPTION_CHOICES}, got {data_args.train_captions!r}")
     if data_args.dataset != "shapes" and data_args.data_path is None:
         raise UsageError(f"--dataset {data_args.dataset}: --data_path is required (a COCO folder or a datasets "
@@ -237,8 +239,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         parse_r(model_args.bridge_r)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if model_args.freeze_vision is None:
-        model_args.freeze_vision = model_args.family == "merge_bridge"
+    if model_args.freeze_vision is None:  # a random tower learns nothing frozen
+        pretrained = model_args.vision_model is not None or model_args.checkpoint is not None
+        model_args.freeze_vision = model_args.family == "merge_bridge" and pretrained
+    if data_args.train_captions is None:  # shapes' captions are template variants of one scene description
+        data_args.train_captions = "consensus" if data_args.dataset == "shapes" else "all"
     if model_args.family == "patch_align":
         if model_args.lora_r > 0:
             raise UsageError(f"--lora_r {model_args.lora_r}: LoRA targets MergeBridge's LLM; PatchAlign trains fully")

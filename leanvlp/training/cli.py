@@ -46,9 +46,18 @@ def has_rows(data: Dataset | None) -> bool:
     return isinstance(data, Dataset) and len(data) > 0
 
 
-def longest_captions(data: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    """Each image with only its longest caption (the first of equal length): one complete target per image."""
-    return data.map(lambda row: {"captions": [max(row["captions"], key=len)] if row["captions"] else []})
+def consensus_caption(captions: Sequence[str]) -> str:
+    """The caption that shares the most words with the image's other captions (ties: the longer, then the first):
+    the reference most representative of them all, as CIDEr's consensus view has it."""
+    words = [set(c.lower().split()) for c in captions]
+    scores = [(sum(len(w & o) for j, o in enumerate(words) if j != i), len(captions[i]), -i)
+              for i, w in enumerate(words)]
+    return captions[max(range(len(captions)), key=lambda i: scores[i])]
+
+
+def consensus_captions(data: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """Each image with only its consensus caption (`consensus_caption`): one target per image."""
+    return data.map(lambda row: {"captions": [consensus_caption(row["captions"])] if row["captions"] else []})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       data_args.max_new_tokens)
     else:
         model, processor = build_merge_bridge(model_args, corpus_of(train_data))
-        choose = longest_captions if data_args.task == "caption" and data_args.train_captions == "longest" else None
+        choose = consensus_captions if data_args.task == "caption" and data_args.train_captions == "consensus" else None
         pairs = to_pairs(choose(train_data) if choose else train_data, data_args.task)
         eval_pairs = None
         if has_rows(eval_data):  # the held-out loss, on the same kind of targets as training
