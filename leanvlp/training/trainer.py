@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from ..checkpoints import CheckpointCompleteMarker, resolve_resume
 
@@ -35,6 +35,17 @@ class LeanTrainer(Trainer):
         """As Trainer's, but resumes only from a complete checkpoint ("latest": the newest complete one)."""
         return super().train(resume_from_checkpoint=resolve_resume(resume_from_checkpoint, self.args.output_dir),
                              **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Trainer restores weights with a plain `load_state_dict` of the saved file, which silently misses every key
+        `save_pretrained` wrote in a checkpoint layout of its own (ViT's attention since transformers 5.9), so a
+        trained vision tower would resume from its initial weights; `from_pretrained` maps those keys back."""
+        target = model if model is not None else self.model
+        if not isinstance(target, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        reloaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(reloaded.state_dict())
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
