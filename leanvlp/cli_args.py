@@ -47,7 +47,9 @@ def _metavar(field: dataclasses.Field) -> str:
 
 def _default(field: dataclasses.Field) -> str | None:
     if field.default is not dataclasses.MISSING:
-        return None if field.default is None else repr(field.default) if isinstance(field.default, str) else str(field.default)
+        if field.default is None:
+            return None
+        return repr(field.default) if isinstance(field.default, str) else str(field.default)
     if field.default_factory is not dataclasses.MISSING:
         return str(field.default_factory())
     return None

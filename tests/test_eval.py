@@ -357,3 +357,16 @@ def test_eval_arguments_defaults():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert (args.data, args.split, args.device, args.num_images) == ("shapes", "held-out", device, 100)
     assert EvalArguments(model="m", task="speed", sweep="0, 4,16").sweep_values == [0, 4, 16]
+
+
+def test_speed_ratio_warnings_name_overlapping_ranges_and_wide_spreads():
+    from leanvlp.evaluation.speed import ratio_warnings
+
+    def setting(median: float, low: float, high: float) -> dict:
+        return {"generate_images_per_s": median, "generate_images_per_s_min": low, "generate_images_per_s_max": high}
+
+    assert ratio_warnings(setting(10, 9.9, 10.1), setting(20, 19.8, 20.2), "generate") == []  # clearly 2x
+    warnings = ratio_warnings(setting(10, 8, 12), setting(11, 10.5, 11.5), "generate")
+    assert len(warnings) == 2
+    assert "ranges 0.88x-1.44x" in warnings[0] and "either side of 1" in warnings[0]  # 10.5 / 12, 11.5 / 8
+    assert "technique off varies by 40% of its median" in warnings[1]

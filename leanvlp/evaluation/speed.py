@@ -256,7 +256,8 @@ def run_speed(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
     warnings = [*ratio_warnings(off, on, "generate"), *ratio_warnings(off, on, "encode")]
     if args.device == "cpu" and (line := load_warning()):
         warnings.append(line)
-    return {"metrics": metrics, "warnings": warnings, "repeats": args.repeats, "rows": [_speed_row(ev, s["setting"], s) for s in settings], "settings": settings,
+    return {"metrics": metrics, "warnings": warnings, "repeats": args.repeats,
+            "rows": [_speed_row(ev, s["setting"], s) for s in settings], "settings": settings,
             "batch_images": len(images), "memory_measure": memory_measure(torch.device(args.device)),
             "device": args.device, "dtype": args.dtype}
 

@@ -189,7 +189,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataA
             raise UsageError(f"--config: no such file {str(path)!r}")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(loaded).__name__}")
+            raise UsageError(f"--config {path}: expected a mapping of flag names to values, got "
+                             f"{type(loaded).__name__}")
         argv = _yaml_to_argv(loaded) + argv[:i] + argv[i + 2:]
     if not any(flag in argv for flag in ("--bf16", "--fp16")) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         argv += ["--bf16", "true"]  # bf16 where available, unless the user chose a precision
