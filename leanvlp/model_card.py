@@ -31,13 +31,16 @@ accepted as shorthand for {"results": [...]}:
 - rows (speed only): the speed table, one dict per setting, columns in first-seen order.
 Speed entries feed the speed table, not model-index (the Hub's model-index is for quality).
 
-training_summary.json (optional, written by train; {key: value}, nested dicts allowed) becomes the
-training table; its "base_models" and "datasets" keys (lists of Hub ids) instead fill the front
-matter when the card is regenerated from the folder (CLI, push_to_hub).
+training_summary.json (optional, written by train; {key: value}) becomes the training table, a mapping
+in one cell; its "base_models", "datasets" (lists of Hub ids: real ones only) and "license" keys instead
+fill the front matter when the card is regenerated from the folder (CLI, push_to_hub, eval).
 
 Templates live in the repository's `model_cards/` folder (jinja, as `ModelCard.from_template`
-takes them; variables: card_data, model_name, summary, architectures, base_model, usage_snippet,
-training_rows, eval_rows, speed_columns, speed_rows).
+takes them; variables: card_data, model_name, summary, description, training_data, license_line,
+base_model_licenses, architectures, base_model, usage_snippet, training_rows, eval_rows, speed_columns,
+speed_rows). The summary line and the description follow config.json (frozen or trained towers) and the
+training summary (the task trained); training_summary.json's "license" and "base_model_licenses" fill the
+licence lines, "training_data" the data line, "losses" one first -> last row of the training table.
 """
 
 from __future__ import annotations
@@ -60,18 +63,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "merge_bridge": {
         "pipeline_tag": "image-text-to-text",
         "tags": ["token-merging", "image-captioning", "visual-question-answering"],
-        "summary": "A vision-language model that captions images and answers questions about them, "
-        "with a token-merging bridge that hands the LLM a short visual prefix.",
     },
     "patch_align": {
         "pipeline_tag": "image-text-to-text",
         "tags": ["patch-pruning", "patch-text-alignment", "image-text-retrieval"],
-        "summary": "An end-to-end vision-language model (retrieval, VQA, captioning) that prunes "
-        "text-irrelevant image patches inside its vision transformer.",
     },
 }
+# training task -> what a model trained on it does (the card's first line)
+TASK_PHRASES = {
+    "caption": "captions images",
+    "vqa": "answers short questions about images",
+    "pretrain": "embeds images and texts for retrieval (ITC / ITM), pretrained with captioning and patch-text "
+                "alignment",
+    "retrieval": "retrieves images for texts and texts for images (ITC + ITM re-ranking)",
+}
 COMMON_TAGS = ["leanvlp", "vision-language"]
-METADATA_KEYS = ("base_models", "datasets")  # training_summary.json keys that go to the front matter
+METADATA_KEYS = ("base_models", "datasets", "license")  # training_summary.json keys that go to the front matter
+# training_summary.json keys the card's text uses instead of the training table
+TEXT_KEYS = ("base_model_licenses", "losses", "logged", "training_data")
 
 # eval task -> (Hub task id, display name)
 TASK_TYPES = {
@@ -88,6 +97,10 @@ METRIC_NAMES = {
     **{f"i2t_r{k}": ("recall", f"Image-to-text R@{k}") for k in (1, 5, 10)},
     **{f"t2i_r{k}": ("recall", f"Text-to-image R@{k}") for k in (1, 5, 10)},
     "r_mean": ("recall", "Mean recall"),
+    "token_accuracy": ("accuracy", "Token accuracy (teacher-forced)"),
+    "object_precision": ("precision", "Object precision (colour, shape)"),
+    "object_recall": ("recall", "Object recall (colour, shape)"),
+    "object_f1": ("f1", "Object F1 (colour, shape)"),
 }
 
 USAGE_SNIPPETS = {
@@ -215,6 +228,7 @@ def card_kwargs_from_folder(model_dir: str | Path) -> dict[str, Any]:
         "family": family,
         "base_models": listed("base_models", "base_model"),
         "datasets": listed("datasets", "datasets"),
+        "license": summary.get("license") or (getattr(old, "license", None) if old else None),
     }
 
 
@@ -227,14 +241,72 @@ def _fmt(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _flatten(summary: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    rows = []
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            rows += _flatten(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", _fmt(value)))
+def _cell(value: Any) -> str:
+    """A summary value as one table cell: a mapping as `k=v, ...`, a list comma-joined, a float to 4 digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) if value else "none"
+    return _fmt(value)
+
+
+def _training_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The training table: one row per summary key (mappings in one cell), the logged loss as first -> last; the
+    keys the front matter or the text carry are left out, so the table is the same however the card is built."""
+    rows = [(key, _cell(value)) for key, value in summary.items() if key not in METADATA_KEYS and key not in TEXT_KEYS]
+    losses = list((summary.get("losses") or {}).items())
+    if losses:
+        rows.append(("logged loss (first -> last)",
+                     f"{_fmt(float(losses[0][1]))} (step {losses[0][0]}) -> {_fmt(float(losses[-1][1]))} "
+                     f"(step {losses[-1][0]})"))
     return rows
+
+
+def _frozen_text(frozen: bool | None, what: str) -> str:
+    return {True: f"a frozen {what}", False: f"a trained {what}"}.get(frozen, f"a {what}")
+
+
+def _description(family: str, config: dict[str, Any], summary: dict[str, Any]) -> tuple[str, str]:
+    """The card's first line and its architecture paragraph, from what config.json and the training summary say
+    (frozen or trained towers, the task trained), not from the family's defaults."""
+    task = summary.get("task")
+    does = TASK_PHRASES.get(task, "relates images and text")
+    if family == "merge_bridge":
+        summary_line = (f"A vision-language model that {does}, with a token-merging bridge that hands the LLM a "
+                        "short visual prefix.")
+        merging = config.get("bridge_merging") or {}
+        body = (f"{_frozen_text(config.get('freeze_vision'), 'vision tower').capitalize()} feeds a BERT-style bridge "
+                f"that merges visual tokens layer by layer (ToMe bipartite soft matching, r={merging.get('r', '?')} "
+                f"per layer); the short visual prefix that remains is projected into "
+                f"{_frozen_text(config.get('freeze_llm'), 'causal LLM')}, trained with one language-modelling loss "
+                f"on {'answers' if task == 'vqa' else 'captions'} (SimVLG / EVLGen).")
+    else:
+        summary_line = (f"An end-to-end vision-language model that {does}, pruning text-irrelevant image patches "
+                        "inside its vision transformer.")
+        weights = config.get("loss_weights") or {}
+        losses = [k.upper() for k, w in weights.items() if w] if task in ("pretrain", "retrieval") else \
+            ["LM (" + ("answers" if task == "vqa" else "captions") + ")"]
+        body = ("A text-aware patch detector inside the ViT keeps only the patches relevant to the text, so later "
+                "blocks run on fewer tokens (COPA); " + f"trained with {', '.join(losses) or 'no'} loss(es)"
+                + (" and semantic visual heads" if any((config.get("semantic_heads") or {}).get(h, {}).get("enabled")
+                                                      for h in ("object_class", "attribute", "region_feature"))
+                   else "") + ".")
+    if not task:
+        summary_line = summary_line.replace(f" that {does}", "")
+    return summary_line, body
+
+
+def base_model_licenses(base_models: Sequence[str]) -> dict[str, str]:
+    """Each base model's licence as its own card states it (a local folder's README.md front matter); a Hub id
+    that is not a local folder is named for the reader to check (offline, nothing is fetched)."""
+    out = {}
+    for model in base_models:
+        readme = Path(model) / "README.md"
+        if readme.is_file():
+            out[model] = getattr(ModelCard.load(readme).data, "license", None) or "not stated in its card"
+        else:
+            out[model] = "see its model card on the Hub"
+    return out
 
 
 def _eval_results(entries: list[dict[str, Any]]) -> list[EvalResult]:
@@ -303,6 +375,10 @@ def build_model_card(
     speed_columns = list(dict.fromkeys(key for row in speed_table for key in row))
 
     info = FAMILIES[family]
+    full_summary = read_training_summary(model_dir) if (model_dir / "training_summary.json").is_file() else {}
+    text = {**full_summary, **training_summary}
+    summary_line, description = _description(family, config, text)
+    licenses = text.get("base_model_licenses") or base_model_licenses(base_models)
     model_name = model_id.split("/")[-1] if model_id else model_dir.resolve().name
     results = _eval_results(entries)
     metric_ids = list(dict.fromkeys(METRIC_NAMES.get(r.metric_type, (r.metric_type,))[0] for r in results))
@@ -322,10 +398,14 @@ def build_model_card(
         card_data,
         template_path=str(template_path or TEMPLATES_DIR / f"{family}.md"),
         model_name=model_name,
-        summary=info["summary"],
+        summary=summary_line,
+        description=description,
+        training_data=text.get("training_data"),
+        license_line=f"`{license}`" if license else "none given (pass `--license` to train.py or the card CLI)",
+        base_model_licenses=licenses,
         architectures=config.get("architectures") or [],
         usage_snippet=snippet.strip("\n"),
-        training_rows=_flatten(training_summary),
+        training_rows=_training_rows(training_summary),
         eval_rows=[
             {
                 "task": r.task_name,
@@ -407,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-model", action="append", default=None, help="base model id (repeatable)")
     parser.add_argument("--dataset", action="append", default=None, help="training dataset id (repeatable)")
     parser.add_argument("--model-id", default=None, help="Hub repo id used in the usage snippet")
+    parser.add_argument("--license", default=None, help="the card's licence (a Hub licence id, e.g. apache-2.0)")
     parser.add_argument("--push", metavar="REPO_ID", default=None, help="also upload folder + card to this repo")
     args = parser.parse_args(argv)
     try:
@@ -415,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kwargs["base_models"] = args.base_model
         if args.dataset:
             kwargs["datasets"] = args.dataset
+        if args.license:
+            kwargs["license"] = args.license
         if args.push:
             print(push_to_hub(args.model_dir, args.push, **kwargs))
         else:

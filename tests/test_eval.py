@@ -75,9 +75,11 @@ def test_every_task_writes_results_that_equal_the_cards_model_index(evaluated: P
     results = entries(evaluated)
     assert set(results) == {("caption", None), ("vqa", None), ("retrieval", None), ("speed", None),
                             ("speed", "sweep")}  # train.py's caption entry was replaced, not duplicated
-    assert all(e["dataset"] == "leanvlp/shapes" and e["split"] == "held-out" for e in results.values())
+    assert all(e["dataset"] == "leanvlp-shapes" and e["split"] == "held-out[:4]" for e in results.values())
+    assert results["caption", None]["dataset_name"] == "leanvlp shapes (procedural; held-out images from index 1,000,000)"
     caption = results["caption", None]["metrics"]
-    assert set(caption) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "token_accuracy"}
+    assert set(caption) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l", "token_accuracy",
+                            "object_precision", "object_recall", "object_f1"}
     assert results["caption", None]["num_images"] == 4
     assert set(results["vqa", None]["metrics"]) == {"vqa_accuracy", "token_accuracy"}
     assert results["vqa", None]["num_questions"] > 4  # every question of the 4 images, not one per image
@@ -97,15 +99,23 @@ def test_every_task_writes_results_that_equal_the_cards_model_index(evaluated: P
 
 
 @pytest.mark.slow
-def test_rerunning_a_task_replaces_only_its_entry(evaluated: Path, tmp_path: Path):
+def test_rerunning_a_task_replaces_only_its_entry_and_a_smaller_run_stays_beside_it(evaluated: Path, tmp_path: Path,
+                                                                                    capsys):
     folder = tmp_path / "copy"
     shutil.copytree(evaluated, folder)
     before = entries(folder)
+    assert main(["--model", str(folder), "--task", "caption", *SMALL]) == 0  # same 4 images: replaced
+    assert entries(folder).keys() == before.keys()
+    capsys.readouterr()
     assert main(["--model", str(folder), "--task", "caption", *SMALL, "--num_images", "2"]) == 0
-    after = entries(folder)
-    assert after["caption", None]["num_images"] == 2
-    assert {k: v for k, v in after.items() if k != ("caption", None)} == \
-        {k: v for k, v in before.items() if k != ("caption", None)}
+    assert "keeps the caption entry on split held-out[:4] beside this one on held-out[:2]" in capsys.readouterr().out
+    results = json.loads((folder / "eval_results.json").read_text())["results"]
+    captions = [e for e in results if e["task"] == "caption"]
+    assert sorted(e["num_images"] for e in captions) == [2, 4]  # the 4-image entry is not silently replaced
+    assert [e for e in results if e["task"] != "caption"] == [e for k, e in before.items() if k != ("caption", None)]
+    splits = {r.dataset_split for r in ModelCard.load(folder / "README.md").data.eval_results
+              if r.task_type == "image-to-text"}
+    assert splits == {"held-out[:2]", "held-out[:4]"}
 
 
 def expected_unmerged_encode_flops(config) -> int:
@@ -348,3 +358,16 @@ def test_eval_arguments_defaults():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert (args.data, args.split, args.device, args.num_images) == ("shapes", "held-out", device, 100)
     assert EvalArguments(model="m", task="speed", sweep="0, 4,16").sweep_values == [0, 4, 16]
+
+
+def test_speed_ratio_warnings_name_overlapping_ranges_and_wide_spreads():
+    from leanvlp.evaluation.speed import ratio_warnings
+
+    def setting(median: float, low: float, high: float) -> dict:
+        return {"generate_images_per_s": median, "generate_images_per_s_min": low, "generate_images_per_s_max": high}
+
+    assert ratio_warnings(setting(10, 9.9, 10.1), setting(20, 19.8, 20.2), "generate") == []  # clearly 2x
+    warnings = ratio_warnings(setting(10, 8, 12), setting(11, 10.5, 11.5), "generate")
+    assert len(warnings) == 2
+    assert "ranges 0.88x-1.44x" in warnings[0] and "either side of 1" in warnings[0]  # 10.5 / 12, 11.5 / 8
+    assert "technique off varies by 40% of its median" in warnings[1]

@@ -95,7 +95,7 @@ def test_card_round_trips_metadata_and_model_index(model_dir: Path):
     for section in ("## Usage", "## Training", "## Evaluation", "## Speed", "## Limitations", "## Citation"):
         assert section in text
     assert "| merging on (r=19) | 29 | 792.2 |" in text  # speed table from the speed entry's rows
-    assert "| optimizer.lr | 0.0001 |" in text  # nested training summary flattened
+    assert "| optimizer | lr=0.0001, weight_decay=0.05 |" in text  # a nested mapping in one cell
     assert "| Image captioning | shapes | test | CIDEr-D |" in text
     assert "Token Merging: Your {ViT} but Faster" in text and "2310.03291" in text
     assert f'model_id = "{model_dir}"' in text  # default usage snippet points at the folder
@@ -274,3 +274,55 @@ def test_push_failing_upload_restores_the_previous_card(model_dir: Path, monkeyp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _trained_folder(tmp_path: Path, name: str, config: dict, summary: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["X"], **config}))
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_card_text_licence_and_data_follow_the_config_and_the_training_summary(tmp_path: Path):
+    from leanvlp.model_card import card_kwargs_from_folder
+
+    losses = {str(step): 5.0 - step / 1000 for step in range(25, 750, 25)}  # 29 logged losses
+    summary = {"family": "merge_bridge", "task": "caption", "steps": 747, "frozen": {"vision": True, "llm": False},
+               "base_models": [], "datasets": [], "license": "apache-2.0", "losses": losses,
+               "training_data": "2,000 procedural shapes images (built in code, not a Hub dataset)"}
+    config = {"model_type": "merge_bridge", "freeze_vision": True, "freeze_llm": False,
+              "bridge_merging": {"r": 16, "mode": "mean"}}
+    folder = _trained_folder(tmp_path, "scratch", config, summary)
+    path = write_model_card(folder, **card_kwargs_from_folder(folder))
+    card = ModelCard.load(path)
+    assert card.data.license == "apache-2.0" and card.data.datasets is None  # no invented dataset id
+    first = card.text.strip().splitlines()[2]
+    assert first.startswith("A vision-language model that captions images,") and "question" not in first
+    assert "A frozen vision tower" in card.text and "a trained causal LLM" in card.text
+    assert "frozen causal LLM" not in card.text
+    assert "Trained from scratch: no base model weights" in card.text
+    assert "Training data: 2,000 procedural shapes images" in card.text
+    rows = [line for line in card.text.splitlines() if line.startswith("| ") and "losses" in line]
+    assert rows == []  # 29 logged losses become one row
+    assert "| logged loss (first -> last) | 4.975 (step 25) -> 4.275 (step 725) |" in card.text
+    assert "| frozen | vision=True, llm=False |" in card.text
+    assert path.read_text() == write_model_card(folder, **card_kwargs_from_folder(folder)).read_text()  # stable
+
+    base = tmp_path / "base-llm"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
+    summary = {**summary, "task": "vqa", "base_models": [str(base)], "license": "mit",
+               "base_model_licenses": {str(base): "mit"}, "frozen": {"vision": True, "llm": True}}
+    folder = _trained_folder(tmp_path, "on-base", {**config, "freeze_llm": True}, summary)
+    card = ModelCard.load(write_model_card(folder, **card_kwargs_from_folder(folder)))
+    assert "answers short questions about images" in card.text and "a frozen causal LLM" in card.text
+    assert f"`{base}` (licence: mit)" in card.text and card.data.license == "mit"
+
+
+def test_evaluations_on_different_numbers_of_images_are_separate_model_index_entries(model_dir: Path):
+    entries = [{"task": "caption", "dataset": "leanvlp-shapes", "split": f"held-out[:{n}]", "num_images": n,
+                "metrics": {"cider": c}} for n, c in ((100, 0.8), (8, 0.5))]
+    card = build_model_card(model_dir, family="merge_bridge", base_models=[], datasets=[], eval_results=entries)
+    assert model_index(card) == {("image-to-text", "leanvlp-shapes", "held-out[:100]", "cider"): 0.8,
+                                 ("image-to-text", "leanvlp-shapes", "held-out[:8]", "cider"): 0.5}

@@ -59,7 +59,8 @@ def test_every_task_writes_results_that_equal_the_cards_model_index(evaluated: P
     assert set(results) == {("caption", None), ("vqa", None), ("retrieval", None), ("speed", None),
                             ("speed", "sweep")}  # train.py's retrieval entry was replaced, not duplicated
     assert set(results["caption", None]["metrics"]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l",
-                                                        "token_accuracy"}
+                                                        "token_accuracy", "object_precision", "object_recall",
+                                                        "object_f1"}
     assert set(results["vqa", None]["metrics"]) == {"vqa_accuracy", "token_accuracy"}
     assert results["vqa", None]["num_questions"] > 4
     retrieval = results["retrieval", None]

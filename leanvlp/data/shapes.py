@@ -15,7 +15,7 @@ Relations: ``A left of B`` means A's box ends (x + w) at or before B's box start
 likewise on y. Boxes are at least ``GAP`` pixels apart, so every pair has at least one relation.
 Answers repeat the single correct answer 10 times (VQAv2 form with 10 agreeing annotators).
 
-CLI: ``python -m leanvlp.data.shapes --num-images 1000 [--image-size 64 --seed 0 --out DIR]``.
+CLI: ``python -m leanvlp.data --num-images 1000 [--image-size 64 --seed 0 --out DIR]``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,17 @@ __all__ = [
     "COLOURS",
     "DIRECTIONS",
     "GAP",
+    "HELD_OUT_START",
     "PLURALS",
     "RELATIONS",
+    "SHAPES_DATASET_ID",
     "SHAPES",
     "SIZES",
     "generate_shapes_row",
     "generate_video_row",
+    "held_out_name",
     "make_shapes_dataset",
+    "make_shapes_held_out",
     "make_shapes_splits",
     "make_video_shapes_dataset",
     "relation_holds",
@@ -78,6 +82,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 DIRECTIONS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 NUM_ANSWERS = 10
 CHUNK_ROWS = 1000
+HELD_OUT_START = 1_000_000  # first index of the held-out images (make_shapes_held_out)
+SHAPES_DATASET_ID = "leanvlp-shapes"  # its id in eval results: built in code, not a Hub dataset
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -345,6 +351,20 @@ def make_shapes_dataset(num_images: int, image_size: int = 64, seed: int = 0, st
     return chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
 
 
+def make_shapes_held_out(num_images: int, image_size: int = 64, seed: int = 0) -> Dataset:
+    """The held-out images that train.py (before / after) and eval.py both score: rows `HELD_OUT_START` on.
+
+    One definition for both, so "held-out" in a card means the same images whichever script wrote it; training
+    draws from index 0 on, so the two never overlap below `HELD_OUT_START` training images.
+    """
+    return make_shapes_dataset(num_images, image_size=image_size, seed=seed, start_index=HELD_OUT_START)
+
+
+def held_out_name() -> str:
+    """The held-out split's display name (model cards); the split `held-out[:N]` says how many images."""
+    return f"leanvlp shapes (procedural; held-out images from index {HELD_OUT_START:,})"
+
+
 def make_shapes_splits(sizes: dict[str, int], image_size: int = 64, seed: int = 0) -> DatasetDict:
     """Disjoint splits from consecutive index ranges of one seed, e.g. ``{"train": 1000, "test": 200}``."""
     splits, start = {}, 0
@@ -467,7 +487,8 @@ def _format_counter(counter: Counter) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded shapes dataset and print its statistics.")
+    parser = argparse.ArgumentParser(prog="python -m leanvlp.data",
+                                     description="Build the embedded shapes dataset and print its statistics.")
     parser.add_argument("--num-images", type=int, required=True)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -495,5 +516,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved dataset to {args.out / 'dataset'} and a sample grid to {grid}")
 
 
-if __name__ == "__main__":
+
+if __name__ == "__main__":  # the older spelling; `python -m leanvlp.data` runs the same without runpy's warning
     main()

@@ -7,7 +7,8 @@
 
 Tasks
 - caption: greedy (or beam) captions of held-out images -> BLEU-1..4, CIDEr-D, ROUGE-L (`leanvlp.metrics`), and
-  the teacher-forced token accuracy on each image's first reference caption.
+  the teacher-forced token accuracy on each image's first reference caption; on shapes also the object
+  mentions (precision / recall / F1 of the (colour, shape) pairs a caption names vs those in the image).
 - vqa: an answer to every question of every image (the family's VQA prompt) -> VQA soft accuracy.
 - retrieval: R@1/5/10 in both directions and their mean. MergeBridge is generative, so this is
   **likelihood-based retrieval**: score[i, j] = the mean log-likelihood of caption j (its tokens and EOS) given
@@ -22,12 +23,13 @@ Tasks
 Peak memory is the extra memory a call needs over the loaded model and its inputs (how, per device: see
 `leanvlp.evaluation.speed`).
 
-Data: `--data shapes` builds held-out images from index 1,000,000 on (training uses the first indices), `coco`
-reads a COCO folder and `hf` any `datasets` dataset (see `leanvlp.data`); the first `--num_images` images are used.
+Data: `--data shapes` scores the held-out split that train.py scores too (`leanvlp.data.shapes.make_shapes_held_out`:
+images from index 1,000,000 on; training uses the first indices), `coco` reads a COCO folder and `hf` any `datasets`
+dataset (see `leanvlp.data`); the first `--num_images` images are used. Each entry records how many it scored.
 
-Each run replaces the entry with the same task, dataset and split in `DIR/eval_results.json` (format in
-`leanvlp.model_card`), keeps the others, and regenerates `DIR/README.md`, so the card's model-index always equals
-the file.
+Each run replaces the entry with the same task, dataset, split and number of items in `DIR/eval_results.json`
+(format in `leanvlp.model_card`), keeps the others (an entry on another number of images stays beside it, and a
+line says so), and regenerates `DIR/README.md`, so the card's model-index always equals the file.
 
 Modules, in the order data flows through them:
 

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import transformers
+
 from ..model_card import card_kwargs_from_folder, write_model_card
-from .arguments import EvalArguments, dataset_id, load_eval_data, parse_args
+from .arguments import EvalArguments, dataset_fields, load_eval_data, parse_args
 from .families import load_evaluator
 from .generation import run_generation_task
 from .results import print_entry, update_eval_results
@@ -19,12 +22,17 @@ from .speed import run_speed, run_sweep
 def run_evaluation(args: EvalArguments) -> list[dict[str, Any]]:
     """Evaluate, write eval_results.json and README.md into the model folder; returns the new entries."""
     sweep = args.sweep_values  # bad --sweep fails before any work
+    if not args.progress:  # every bar: ours (tqdm), datasets' map / build bars, transformers' weight loading
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     model_dir = Path(args.model)
     ev = load_evaluator(model_dir, args.task, args.device, args.dtype)
     if sweep:
         ev.check_sweep(sweep)
     data = load_eval_data(args, ev.image_size())
-    base = {"task": args.task, "dataset": dataset_id(args), "split": args.split}
+    base = {"task": args.task, **dataset_fields(args.data, args.data_path, args.split, len(data))}
+    if args.task != "speed":  # speed times one batch; its entry says how many images (batch_images)
+        base["num_images"] = len(data)
     if args.task in ("caption", "vqa"):
         results = [{**base, **run_generation_task(ev, data, args)}]
     elif args.task == "retrieval":

@@ -11,14 +11,16 @@ from tqdm.auto import tqdm
 
 from ..data.collate import MergeBridgeCollator
 from ..data.pairs import decode_image, task_rows
-from ..metrics import caption_metrics, vqa_accuracy
+from ..data.shapes import COLOURS, PLURALS, SHAPES, SIZES
+from ..metrics import caption_metrics, mentioned_objects, object_mention_scores, vqa_accuracy
 from .arguments import EvalArguments
 from .inputs import pixels_on_model, to_model
 
 
-def _report(task: str, predictions: list[str], references: list[list[str]], correct: int,
+def _report(task: str, rows: Dataset, predictions: list[str], references: list[list[str]], correct: int,
             total: int) -> dict[str, Any]:
-    """Every family's generation report: token accuracy, the task's metrics, an example and the row count."""
+    """Every family's generation report: token accuracy, the task's metrics, an example, the row count, and every
+    prediction with its row's image id and references (for object mentions and printed examples)."""
     report: dict[str, Any] = {"token_accuracy": correct / max(total, 1)}
     if task == "vqa":
         report["vqa_accuracy"] = vqa_accuracy(predictions, references)
@@ -26,7 +28,34 @@ def _report(task: str, predictions: list[str], references: list[list[str]], corr
         report.update(caption_metrics(predictions, references))
     report["example"] = predictions[0] if predictions else ""
     report["images"] = len(predictions)
+    report["predictions"], report["references"] = predictions, references
+    report["image_ids"] = [str(i) for i in rows["image_id"]] if "image_id" in rows.column_names else []
     return report
+
+
+def present_objects(data: Dataset) -> dict[str, set[tuple[str, str]]]:
+    """image id -> the (colour, shape) pairs its boxes hold: label = shape, the box attribute that is a shapes
+    colour = colour. Empty when the data annotates no colours (COCO, captions-only sets)."""
+    if not {"image_id", "box_labels", "box_attributes"} <= set(data.column_names or []):
+        return {}
+    table = data.select_columns(["image_id", "box_labels", "box_attributes"])[:]
+    out: dict[str, set[tuple[str, str]]] = {}
+    for image_id, labels, attributes in zip(table["image_id"], table["box_labels"], table["box_attributes"]):
+        colours = [next((a for a in attrs if a in COLOURS), None) for attrs in attributes or []]
+        out[str(image_id)] = {(c, label) for c, label in zip(colours, labels or []) if c is not None}
+    return out if any(out.values()) else {}
+
+
+def object_mentions(report: dict[str, Any], data: Dataset) -> dict[str, float]:
+    """Object precision / recall / F1 of a caption report's predictions against the shapes objects of `data`
+    ({} when `data` annotates no colours, or the report is not one caption per image of `data`)."""
+    present = present_objects(data)
+    ids = report.get("image_ids") or []
+    if not present or not ids or any(i not in present for i in ids):
+        return {}
+    spellings = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
+    mentioned = [mentioned_objects(p, COLOURS, spellings, SIZES) for p in report["predictions"]]
+    return object_mention_scores(mentioned, [present[i] for i in ids])
 
 
 @torch.no_grad()
@@ -54,7 +83,7 @@ def caption_report(model: Any, processor: Any, rows: Dataset, task: str, max_new
         correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
         total += int(keep.sum())
     model.train(was_training)
-    return _report(task, predictions, references, correct, total)
+    return _report(task, rows, predictions, references, correct, total)
 
 
 @torch.no_grad()
@@ -86,12 +115,14 @@ def patch_align_generation_report(model: Any, processor: Any, rows: Dataset, tas
         correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
         total += int(keep.sum())
     model.train(was_training)
-    return _report(task, predictions, references, correct, total)
+    return _report(task, rows, predictions, references, correct, total)
 
 
 def run_generation_task(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
     """The caption / vqa entry of eval_results.json: the evaluator's report on the task's rows."""
     report = ev.generate_report(task_rows(data, args.task), args.task, args)
+    if args.task == "caption":
+        report.update(object_mentions(report, data))
     metrics = {k: v for k, v in report.items() if isinstance(v, float)}
     noun = "questions" if args.task == "vqa" else "images"
     return {"metrics": metrics, f"num_{noun}": report["images"], "example": report["example"]}

@@ -11,6 +11,7 @@ tensor is not seen.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 import weakref
@@ -106,9 +107,9 @@ def memory_measure(device: torch.device) -> str:
     return "peak bytes of tensors created during the call and alive at once (TorchDispatchMode; CPU)"
 
 
-def images_per_second(calls: Sequence[Callable[[], Any]], num_images: int, device: torch.device, warmup: int,
-                      repeats: int) -> list[float]:
-    """Throughput of each call: `num_images` / the median of `repeats` timed runs, after `warmup` untimed ones.
+def timed_runs(calls: Sequence[Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
+               progress: bool = False, desc: str = "timing") -> list[list[float]]:
+    """Seconds of each of `repeats` timed runs of every call, after `warmup` untimed ones.
 
     The calls are timed in turns (A B A B ...), so a change in machine load hits all of them alike.
     """
@@ -117,9 +118,11 @@ def images_per_second(calls: Sequence[Callable[[], Any]], num_images: int, devic
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    bar = tqdm(total=(warmup + repeats) * len(calls), desc=desc, unit="call", disable=not progress)
     for _ in range(warmup):
         for call in calls:
             call()
+            bar.update()
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for call, timed in zip(calls, times):
@@ -128,7 +131,45 @@ def images_per_second(calls: Sequence[Callable[[], Any]], num_images: int, devic
             call()
             sync()
             timed.append(time.perf_counter() - start)
-    return [num_images / statistics.median(timed) for timed in times]
+            bar.update()
+    bar.close()
+    return times
+
+
+def images_per_second(calls: Sequence[Callable[[], Any]], num_images: int, device: torch.device, warmup: int,
+                      repeats: int) -> list[float]:
+    """Throughput of each call: `num_images` / the median of `repeats` timed runs (see `timed_runs`)."""
+    return [num_images / statistics.median(t) for t in timed_runs(calls, device, warmup, repeats)]
+
+
+def ratio_warnings(off: dict[str, Any], on: dict[str, Any], kind: str, spread_limit: float = 0.2) -> list[str]:
+    """Why the on/off throughput ratio of `kind` may not be trusted: min-max ranges of the two settings that
+    overlap (the ratio could be either side of what the medians say), or a spread above `spread_limit` of the
+    median in either setting."""
+    warnings = []
+    key = f"{kind}_images_per_s"
+    low, high = on[f"{key}_min"] / off[f"{key}_max"], on[f"{key}_max"] / off[f"{key}_min"]
+    if low < 1.0 < high:
+        warnings.append(f"{kind}: the on/off ratio ranges {low:.2f}x-{high:.2f}x over the repeats, so it may be "
+                        "either side of 1; rerun on a quieter machine or with more --repeats")
+    for name, setting in (("off", off), ("on", on)):
+        spread = (setting[f"{key}_max"] - setting[f"{key}_min"]) / setting[key]
+        if spread > spread_limit:
+            warnings.append(f"{kind}: throughput with the technique {name} varies by {spread:.0%} of its median "
+                            f"between repeats (more than {spread_limit:.0%})")
+    return warnings
+
+
+def load_warning() -> str | None:
+    """A line when the machine's 1-minute load is above its CPU count (other work competes for the cores)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+    cpus = os.cpu_count() or 1
+    if load > cpus:
+        return f"machine load {load:.1f} on {cpus} CPUs while timing: other processes competed for the cores"
+    return None
 
 
 def measure_setting(ev: Any, batch: dict[str, Any], num_images: int, args: EvalArguments,
@@ -159,10 +200,12 @@ def time_settings(ev: Any, setups: Sequence[tuple[Any, dict[str, Any]]], num_ima
     out: list[dict[str, float]] = [{} for _ in setups]
     with torch.no_grad():
         for kind in kinds:
-            rates = images_per_second([call(v, b, kind) for v, b in setups], num_images, torch.device(args.device),
-                                      args.warmup, args.repeats)
-            for result, rate in zip(out, rates):
-                result[f"{kind}_images_per_s"] = rate
+            times = timed_runs([call(v, b, kind) for v, b in setups], torch.device(args.device), args.warmup,
+                               args.repeats, args.progress, f"timing {kind}")
+            for result, timed in zip(out, times):
+                result[f"{kind}_images_per_s"] = num_images / statistics.median(timed)
+                result[f"{kind}_images_per_s_min"] = num_images / max(timed)
+                result[f"{kind}_images_per_s_max"] = num_images / min(timed)
     return out
 
 
@@ -170,9 +213,10 @@ def _speed_row(ev: Any, label: str, m: dict[str, Any]) -> dict[str, Any]:
     """One row of the speed table (the card shows these)."""
     row = {"setting": label, **ev.token_columns(m["tokens"]),
            "encode GFLOPs/img": m["encode_flops"] / 1e9, "caption fwd GFLOPs/img": m["forward_flops"] / 1e9}
-    if "encode_images_per_s" in m:
-        row["encode img/s"] = m["encode_images_per_s"]
-    row["generate img/s"] = m["generate_images_per_s"]
+    for kind in ("encode", "generate"):
+        if f"{kind}_images_per_s" in m:
+            row[f"{kind} img/s (median)"] = m[f"{kind}_images_per_s"]
+            row[f"{kind} img/s min-max"] = f"{m[f'{kind}_images_per_s_min']:.4g}-{m[f'{kind}_images_per_s_max']:.4g}"
     if "peak_memory_bytes" in m:
         row["peak MiB (generate)"] = m["peak_memory_bytes"] / MIB
     return row
@@ -201,13 +245,19 @@ def run_speed(ev: Any, data: Dataset, args: EvalArguments) -> dict[str, Any]:
     off, on = settings
     metrics = {
         "speedup_generate": on["generate_images_per_s"] / off["generate_images_per_s"],
+        "speedup_generate_min": on["generate_images_per_s_min"] / off["generate_images_per_s_max"],
+        "speedup_generate_max": on["generate_images_per_s_max"] / off["generate_images_per_s_min"],
         "speedup_encode": on["encode_images_per_s"] / off["encode_images_per_s"],
         "flops_reduction_encode": off["encode_flops"] / on["encode_flops"],
         "flops_reduction_forward": off["forward_flops"] / on["forward_flops"],
         "llm_prefix_tokens_off": off["tokens"]["llm_prefix"],
         "llm_prefix_tokens_on": on["tokens"]["llm_prefix"],
     }
-    return {"metrics": metrics, "rows": [_speed_row(ev, s["setting"], s) for s in settings], "settings": settings,
+    warnings = [*ratio_warnings(off, on, "generate"), *ratio_warnings(off, on, "encode")]
+    if args.device == "cpu" and (line := load_warning()):
+        warnings.append(line)
+    return {"metrics": metrics, "warnings": warnings, "repeats": args.repeats,
+            "rows": [_speed_row(ev, s["setting"], s) for s in settings], "settings": settings,
             "batch_images": len(images), "memory_measure": memory_measure(torch.device(args.device)),
             "device": args.device, "dtype": args.dtype}
 

@@ -1,4 +1,4 @@
-"""Offline metrics: caption (BLEU, CIDEr-D, ROUGE-L), VQA soft accuracy, retrieval recall.
+"""Offline metrics: caption (BLEU, CIDEr-D, ROUGE-L), object mentions (shapes), VQA soft accuracy, retrieval recall.
 
 Plain functions need nothing but numpy. The same metrics exist as local `evaluate` modules
 (`evaluate.load("bleu")` downloads from the Hub; ours load by path): `load("cider")` returns
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .caption import bleu, caption_metrics, cider_d, cider_d_scores, rouge_l, rouge_l_scores, tokenize
+from .objects import mentioned_objects, object_mention_scores
 from .retrieval import retrieval_ranks, retrieval_recall
 from .vqa import normalize_answer, vqa_accuracy, vqa_score
 
@@ -54,8 +55,10 @@ __all__ = [
     "cider_d",
     "cider_d_scores",
     "load",
+    "mentioned_objects",
     "module_path",
     "normalize_answer",
+    "object_mention_scores",
     "retrieval_ranks",
     "retrieval_recall",
     "rouge_l",

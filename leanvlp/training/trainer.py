@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from ..checkpoints import CheckpointCompleteMarker, resolve_resume
 from ..data.webdataset import WebDatasetStream, webdataset_dataloader
@@ -25,6 +25,9 @@ class LeanTrainer(Trainer):
     is the global batch when the negatives are gathered from every process."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if kwargs.get("eval_dataset") is None and train_args is not None and train_args.eval_strategy != "no":
+            train_args.eval_strategy = "no"  # the default asks for the held-out loss; without held-out data, none
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
         self.add_callback(CheckpointCompleteMarker())
@@ -40,15 +43,26 @@ class LeanTrainer(Trainer):
         return super().train(resume_from_checkpoint=resolve_resume(resume_from_checkpoint, self.args.output_dir),
                              **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Trainer restores weights with a plain `load_state_dict` of the saved file, which silently misses every key
+        `save_pretrained` wrote in a checkpoint layout of its own (ViT's attention since transformers 5.9), so a
+        trained vision tower would resume from its initial weights; `from_pretrained` maps those keys back."""
+        target = model if model is not None else self.model
+        if not isinstance(target, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        reloaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(reloaded.state_dict())
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         outputs = model(**inputs)
         if outputs.loss is None:
             raise ValueError("the model returned no loss: the batch has no labels / targets")
-        for key, value in outputs.items():
+        for key, value in outputs.items() if model.training else ():  # evaluation logs only eval_loss
             if is_loss_term(key) and value is not None:
                 self._parts[key].append(float(value.detach()))
-        if outputs.get("logits_per_image") is not None:
+        if model.training and outputs.get("logits_per_image") is not None:
             self._parts["itc_columns"].append(float(outputs["logits_per_image"].shape[1]))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -74,30 +88,38 @@ class CollatorEpoch(TrainerCallback):
         self.collator.epoch = int(state.epoch or 0)
 
 
-def save_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """A PNG of every logged loss term against the step."""
+def save_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str = "training and held-out loss") -> Path | None:
+    """A PNG of the training loss and the held-out loss (`eval_loss`) against the step, each loss term of a
+    multi-loss model as a thin line; a linear y axis from 0, so the ticks read as plain numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for entry in log_history:
         for key, value in entry.items():
-            if (key == "loss" or is_loss_term(key)) and "step" in entry and isinstance(value, (int, float)):
+            if (key in ("loss", "eval_loss") or is_loss_term(key)) and "step" in entry and isinstance(value, (int, float)):
                 series[key][0].append(entry["step"])
                 series[key][1].append(value)
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, (steps, values) in sorted(series.items()):
-        ax.plot(steps, values, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"loss": dict(label="training loss", color="tab:blue", linewidth=2),
+              "eval_loss": dict(label="held-out loss", color="tab:orange", linewidth=2, marker="o", markersize=3)}
+    order = [*styles, *sorted(k for k in series if k not in styles)]  # training, held-out, then the terms
+    for key in (k for k in order if k in series):
+        steps, values = series[key]
+        ax.plot(steps, values, **styles.get(key, dict(label=key, linewidth=0.8, alpha=0.7)))
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (cross-entropy, nats)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 1.08 * max(max(values) for _, values in series.values()))
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
