@@ -67,7 +67,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leanvlp.training import main as train
 
     folder = tmp_path_factory.mktemp("readme")
-    for name in ("train.py", "eval.py", "configs", "leanvlp"):
+    for name in ("train.py", "eval.py", "configs", "leanvlp", "scripts"):
         (folder / name).symlink_to(ROOT / name)
     assert train([*FAST, "--output_dir", str(folder / "outputs" / "tiny-merge-bridge")]) == 0
     return folder
