@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.utils import find_labels
 
 from ..checkpoints import CheckpointCompleteMarker, resolve_resume
 from ..data.webdataset import WebDatasetStream, webdataset_dataloader
@@ -28,6 +29,13 @@ class LeanTrainer(Trainer):
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if kwargs.get("eval_dataset") is None and train_args is not None and train_args.eval_strategy != "no":
             train_args.eval_strategy = "no"  # the default asks for the held-out loss; without held-out data, none
+        model = kwargs.get("model", args[0] if args else None)
+        if train_args is not None and train_args.label_names is None and model is not None:
+            # Trainer computes a held-out loss only when *every* forward argument named "*label*" is in the batch;
+            # the LM's `labels` decide, the optional extras (`shift_labels`, semantic-head targets) do not.
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the model inside
+            names = find_labels(type(base))
+            train_args.label_names = ["labels"] if "labels" in names else None
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
         self.add_callback(CheckpointCompleteMarker())
