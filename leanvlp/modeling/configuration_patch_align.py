@@ -7,11 +7,12 @@ from typing import Any
 from transformers import AutoConfig, BertConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .token_merging import TokenMergingConfig
 from .transformers_compat import check_transformers_version
 
 check_transformers_version()  # one clear line on an unsupported release, before anything deeper fails
 
-__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES", "FUSE_WEIGHTS"]
+__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES", "FUSE_WEIGHTS", "MERGING_BLOCKS"]
 
 # Vision towers with a CLS token at index 0 (the detector, ITC and the agnostic scores need it).
 PATCH_ALIGN_VISION_TYPES = ("vit", "clip_vision_model", "dinov2")
@@ -20,6 +21,7 @@ DEFAULT_VISION = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, n
 DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None, prop_attn=True,
                         fuse_weights="logits", itm_text_aware=False)
 FUSE_WEIGHTS = ("logits", "scores")  # what the text-aware fused token's softmax weights read
+MERGING_BLOCKS = ("all", "before_detector", "after_detector")  # where the tower's token merging may act
 HEAD_NAMES = ("object_class", "attribute", "region_feature")
 DEFAULT_HEADS = dict(
     object_class=dict(enabled=False, weight=1.0),
@@ -76,6 +78,19 @@ class PatchAlignConfig(PretrainedConfig):
             without a detector; must not lie after the detector's block, where the patch grid is pruned; or
             "final": the tower's last block, where with the detector on the heads read the K patches the
             text-agnostic branch kept and their targets are taken at those patches' grid positions).
+        vision_merging (`dict`, *optional*): [`TokenMergingConfig`] of token merging inside the tower (ToMe; defaults
+            to r=0: no merging, no change to any output). `protected` must stay 1 (CLS); `prop_attn` defaults to
+            `patch_detector.prop_attn` and, with the detector on, must agree with it (one proportional-attention switch
+            for merged and fused tokens); text-guided merging (`protect_relevant`) is not available here (the
+            detector is the tower's text-aware selection).
+        vision_merging_blocks (`str`, defaults to `"all"`): which blocks of the schedule merge: `"all"`,
+            `"before_detector"` (blocks 1..`patch_detector.layer`, the detector's own block included: its merge runs
+            between its attention and MLP, before the detector scores its output) or `"after_detector"` (the blocks
+            after it, on CLS + K + fused tokens); the schedule's r in the other blocks is set to 0. The last two
+            need the detector. Merging before the detector: the detector scores merged tokens, K =
+            round(keep_ratio * tokens entering it), and PTA's per-patch labels follow the groups (a merged token is
+            relevant when any of its patches is, as a box marks any patch it overlaps). The semantic heads need the
+            unmerged grid: no merging up to the block they read. `num_image_tokens` predicts the tower's output.
         object_classes (`list[str]`): object-class vocabulary (background is added as the last class).
         attributes (`list[str]`): attribute vocabulary.
         teacher_size (`int`, defaults to 0): size of the teacher region features.
@@ -106,6 +121,15 @@ class PatchAlignConfig(PretrainedConfig):
     >>> config.num_kept_patches
     8
 
+    Token merging in the tower after the detector (CLS + 8 kept + 1 fused = 10 tokens, then r=2 in blocks 3, 4):
+
+    >>> merged = PatchAlignConfig(**{**config.to_dict(), "vision_merging": {"r": 2},
+    ...                              "vision_merging_blocks": "after_detector"})
+    >>> merged.vision_token_counts
+    [17, 10, 8, 6]
+    >>> merged.num_image_tokens
+    6
+
     ```
     """
 
@@ -127,6 +151,8 @@ class PatchAlignConfig(PretrainedConfig):
         attributes: list[str] | None = None,
         teacher_size: int = 0,
         loss_weights: dict | None = None,
+        vision_merging: dict | TokenMergingConfig | None = None,
+        vision_merging_blocks: str = "all",
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
         mask_token_id: int | None = None,
@@ -176,6 +202,9 @@ class PatchAlignConfig(PretrainedConfig):
             if head in (loss_weights or {}):
                 self.semantic_heads[head]["weight"] = float(self.loss_weights[head])
             self.loss_weights[head] = self.semantic_heads[head]["weight"]
+        self.vision_merging = self._merging(vision_merging)
+        self.vision_merging_blocks = vision_merging_blocks
+        self._check_merging()
         super().__init__(**kwargs)
 
     def _special_id(self, name: str, value: int | None, generic: str | None, bert_default: int) -> int | None:
@@ -248,6 +277,100 @@ class PatchAlignConfig(PretrainedConfig):
             )
         return heads
 
+    def _merging(self, value: dict | TokenMergingConfig | None) -> dict:
+        """The tower's merging dict; `prop_attn` defaults to the detector's (the tower has one such switch)."""
+        if isinstance(value, TokenMergingConfig):
+            value = value.to_dict()
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"PatchAlignConfig.vision_merging must be a dict or TokenMergingConfig, got {value!r}")
+        defaults = {"r": 0, "protected": 1, "prop_attn": self.patch_detector["prop_attn"]}
+        try:
+            merging = TokenMergingConfig.from_dict({**defaults, **(value or {})})
+        except ValueError as err:
+            raise ValueError(f"PatchAlignConfig.vision_merging: {err}") from None
+        if merging.protected != 1:
+            raise ValueError(f"PatchAlignConfig.vision_merging.protected must be 1 (the CLS token, which ITC and the "
+                             f"detector read at index 0), got {merging.protected}")
+        if merging.protect_relevant:
+            raise ValueError(f"PatchAlignConfig.vision_merging.protect_relevant={merging.protect_relevant}: text-guided "
+                             "merging is not available in PatchAlign's tower; its text-aware selection is "
+                             "patch_detector")
+        return merging.to_dict()
+
+    def _check_merging(self) -> None:
+        """Where the tower merges, and the combinations that cannot work, each error naming both settings."""
+        blocks, det, depth = self.vision_merging_blocks, self.patch_detector, self.vision_config.num_hidden_layers
+        if blocks not in MERGING_BLOCKS:
+            raise ValueError(f"PatchAlignConfig.vision_merging_blocks must be one of {MERGING_BLOCKS}, got {blocks!r}")
+        try:
+            TokenMergingConfig.from_dict(self.vision_merging).schedule(depth)
+        except ValueError as err:
+            raise ValueError(f"PatchAlignConfig.vision_merging: {err}") from None
+        if blocks != "all" and not det["enabled"]:
+            raise ValueError(f"PatchAlignConfig: vision_merging_blocks={blocks!r} with patch_detector.enabled=False: "
+                             "there is no detector block to merge before or after; use 'all'")
+        schedule = self.vision_merging_schedule
+        if not any(schedule):
+            return
+        merging = TokenMergingConfig.from_dict(self.vision_merging)
+        if det["enabled"] and merging.use_prop_attn != det["prop_attn"]:
+            raise ValueError(
+                f"PatchAlignConfig: vision_merging (mode={merging.mode!r}, prop_attn={merging.prop_attn}) with "
+                f"patch_detector.prop_attn={det['prop_attn']}: the tower has one proportional-attention switch for "
+                "merged and fused tokens; make them agree (proportional attention needs mode 'size_weighted')"
+            )
+        enabled = [name for name in HEAD_NAMES if self.semantic_heads[name]["enabled"]]
+        if enabled and any(schedule[: self.heads_layer]):
+            raise ValueError(
+                f"PatchAlignConfig: semantic_heads ({', '.join(enabled)}) reading block {self.heads_layer} with "
+                f"vision_merging r={self.vision_merging['r']!r} (vision_merging_blocks={blocks!r}) merging in blocks "
+                f"1..{self.heads_layer}: the heads' per-patch targets need the unmerged patch grid; merge only after "
+                "the heads' block (e.g. vision_merging_blocks='after_detector' with semantic_heads.layer <= the "
+                "detector's)"
+            )
+
+    @property
+    def vision_merging_schedule(self) -> list[int]:
+        """r per tower block as the tower runs it: the schedule, zero outside `vision_merging_blocks`."""
+        depth = self.vision_config.num_hidden_layers
+        schedule = TokenMergingConfig.from_dict(self.vision_merging).schedule(depth)
+        layer = self.patch_detector["layer"]
+        if self.vision_merging_blocks == "before_detector":
+            return [r if i < layer else 0 for i, r in enumerate(schedule)]
+        if self.vision_merging_blocks == "after_detector":
+            return [r if i >= layer else 0 for i, r in enumerate(schedule)]
+        return schedule
+
+    @property
+    def tower_merging(self) -> dict:
+        """The tower's `TokenMergingConfig` dict: r = 0 (only the detector's prop_attn) when nothing merges."""
+        schedule = self.vision_merging_schedule
+        if not any(schedule):
+            return {"r": 0, "protected": 1, "prop_attn": self.patch_detector["prop_attn"]}
+        return {**self.vision_merging, "r": schedule}
+
+    @property
+    def vision_token_counts(self) -> list[int]:
+        """Tokens after each tower block (CLS included), merging and the detector's pruning both counted."""
+        det, n, counts = self.patch_detector, 1 + self.num_patches, []
+        for i, r in enumerate(self.vision_merging_schedule):
+            n -= min(r, (n - 1) // 2)
+            if det["enabled"] and i == det["layer"] - 1:  # n - 1 == num_detector_tokens here
+                n = 1 + self.num_kept_patches + (1 if self.num_kept_patches < n - 1 else 0)  # CLS + kept + fused
+            counts.append(n)
+        return counts
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens out of the tower (CLS included): what ITC, fusion and the decoder read."""
+        return self.vision_token_counts[-1]
+
+    @property
+    def merges_before_detector(self) -> bool:
+        """Whether the detector scores merged tokens (PTA's patch labels then follow the merged groups)."""
+        det = self.patch_detector
+        return det["enabled"] and any(self.vision_merging_schedule[: det["layer"]])
+
     @property
     def heads_layer(self) -> int:
         """1-based block whose output the semantic heads read (past the detector's block: its kept patches)."""
@@ -265,11 +388,22 @@ class PatchAlignConfig(PretrainedConfig):
         return (size // patch) ** 2
 
     @property
+    def num_detector_tokens(self) -> int:
+        """Tokens (CLS excluded) the detector scores: the P patches, or fewer when the tower merges before it."""
+        det, n = self.patch_detector, self.num_patches
+        if not det["enabled"]:
+            return n
+        for r in self.vision_merging_schedule[: det["layer"]]:
+            n -= min(r, n // 2)  # (n + 1 - protected) // 2 with CLS protected
+        return n
+
+    @property
     def num_kept_patches(self) -> int:
-        """K = round(keep_ratio * P) (all P without a detector)."""
+        """K = round(keep_ratio * P) of the P tokens the detector scores (all P without a detector)."""
+        n = self.num_detector_tokens
         if not self.patch_detector["enabled"]:
-            return self.num_patches
-        return max(1, min(self.num_patches, round(self.patch_detector["keep_ratio"] * self.num_patches)))
+            return n
+        return max(1, min(n, round(self.patch_detector["keep_ratio"] * n)))
 
     def cross_layer_config(self) -> BertConfig:
         """BertConfig of a fusion (bidirectional, explicit mask) or decoder (causal) layer with cross-attention.

@@ -44,7 +44,13 @@ from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHead
 from transformers.utils import ModelOutput, logging
 
 from .configuration_patch_align import PatchAlignConfig
-from .patch_selection import DualPatchSelectionHook, PatchSelectionHook, TextAwarePatchDetector, pta_loss
+from .patch_selection import (
+    DualPatchSelectionHook,
+    PatchSelectionHook,
+    TextAwarePatchDetector,
+    group_patch_labels,
+    pta_loss,
+)
 from .semantic_heads import IGNORE_INDEX, SemanticHeads
 from .token_merging import BlockHook, MergeState, padding_bias
 from .transformers_compat import CACHE_NAME, get_cache
@@ -320,6 +326,7 @@ class ImageEncoding:
     patch_index: Tensor | None = None  # (B, K) grid positions of `patches` when they are the kept ones
     hidden_states: tuple[Tensor, ...] | None = None  # the agnostic branch: embeddings, then each block
     attentions: tuple[Tensor, ...] | None = None  # the agnostic branch, eager only
+    token_sources: Tensor | None = None  # (B, P', 1 + P) patches of each token the detector scored (merged before it)
 
 
 # ----------------------------------------------------------------------------- models
@@ -404,9 +411,9 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
     def __init__(self, config: PatchAlignConfig):
         super().__init__(config)
         vcfg, tcfg = config.vision_config, config.text_config
-        # r = 0: no merging; prop_attn decides whether blocks after the detector weight the fused token by its size
-        self.vision_tower = TokenMergingVisionTower(
-            _build_vision_model(vcfg), {"r": 0, "protected": 1, "prop_attn": config.patch_detector["prop_attn"]})
+        # config.vision_merging off: r = 0, and prop_attn decides whether blocks after the detector weight the fused
+        # token by its size; on: the schedule of the blocks `vision_merging_blocks` names
+        self.vision_tower = TokenMergingVisionTower(_build_vision_model(vcfg), config.tower_merging)
         self.text_model = BertModel(tcfg, add_pooling_layer=False)
         self.image_to_text = nn.Linear(vcfg.hidden_size, tcfg.hidden_size)  # image tokens -> cross-attention width
         cross = config.cross_layer_config()
@@ -472,8 +479,10 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
                 hooks.append(DualPatchSelectionHook(agnostic, aware))
             else:
                 hooks.append(agnostic)
+        # merging before the detector: PTA's per-patch labels follow the merged groups, read from their sources
+        track = aware is not None and self.config.merges_before_detector
         tower = self.vision_tower(pixel_values, hooks=hooks, output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions)
+                                  output_attentions=output_attentions, track_sources=track)
         out, B = tower.last_hidden_state, pixel_values.shape[0]
         patches = patch_index = None
         if capture is not None and det["enabled"] and self.config.heads_layer > det["layer"]:
@@ -485,7 +494,8 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
         hidden = tuple(h[:B] for h in tower.hidden_states) if tower.hidden_states is not None else None
         maps = tuple(a[:B] for a in tower.attentions) if tower.attentions else None
         if aware is not None:
-            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, patch_index, hidden, maps)
+            return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, patch_index, hidden, maps,
+                                 aware.token_sources)
         if det["enabled"]:
             return ImageEncoding(out, None, None, agnostic.kept, patches, patch_index, hidden, maps)
         return ImageEncoding(out, out if text_cls is not None else None, None, None, patches, None, hidden, maps)
@@ -716,6 +726,8 @@ class PatchAlignForPreTraining(PatchAlignPreTrainedModel):
         # PTA on the detector's scores
         if enc.logits is not None and patch_labels is not None:
             mask = pta_mask if pta_mask is not None else torch.ones(B, dtype=torch.bool, device=input_ids.device)
+            if enc.token_sources is not None:  # the detector scored merged tokens: labels follow their groups
+                patch_labels = group_patch_labels(patch_labels, enc.token_sources)
             losses["pta"] = pta_loss(enc.logits, patch_labels, mask)
 
         if enc.patches is not None:

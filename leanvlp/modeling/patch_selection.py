@@ -14,7 +14,9 @@ must not depend on the paired text (ITC, retrieval indexing).
 
 The pruning runs as a `BlockHook` of the shared block loop (`token_merging.py`); it keeps
 `state.sizes` / `state.sources` consistent: a kept token keeps its size and sources, the fused
-token holds the sum of the fused sizes and the union of their sources.
+token holds the sum of the fused sizes and the union of their sources. When the blocks before it
+merged tokens (ToMe), the detector scores the merged tokens, and `group_patch_labels` carries PTA's
+per-patch labels to them through their sources.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "TextAwarePatchDetector",
     "PatchSelectionHook",
     "DualPatchSelectionHook",
+    "group_patch_labels",
     "pta_loss",
 ]
 
@@ -133,7 +136,8 @@ class PatchSelectionHook(BlockHook):
     "logits" or over their sigmoid "scores" (the latter lie in (0, 1), so their softmax is almost uniform);
     the text-agnostic scores have no logits and always weight by softmax(scores).
     After the call, `logits` (n, P) (text-aware only), `scores` (n, P) and `kept` (n, K) hold what
-    the detector decided, for the PTA loss and for visualisation.
+    the detector decided, for the PTA loss and for visualisation, and `token_sources` (n, P, N0) the
+    scored tokens' sources when the block loop tracks them (P: tokens after earlier merging, if any).
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class PatchSelectionHook(BlockHook):
         self.logits: Tensor | None = None
         self.scores: Tensor | None = None
         self.kept: Tensor | None = None
+        self.token_sources: Tensor | None = None
 
     def after_block(self, layer_idx: int, hidden: Tensor, state: MergeState) -> tuple[Tensor, MergeState]:
         if layer_idx != self.layer_idx:
@@ -168,6 +173,8 @@ class PatchSelectionHook(BlockHook):
         if self.rows is not None:
             hidden, state = hidden[self.rows], _take_rows(state, self.rows)  # (n, N, C)
         patches = hidden[:, self.num_prefix :]  # (n, P, C)
+        if state.sources is not None:
+            self.token_sources = state.sources[:, self.num_prefix :]  # (n, P, N0)
         fuse_scores = None
         if self.text is None:
             self.scores = cls_similarity_scores(hidden, self.num_prefix)
@@ -205,6 +212,16 @@ class DualPatchSelectionHook(BlockHook):
             return None if a is None else torch.cat([a, b], dim=0)
 
         return torch.cat([h_a, h_t], dim=0), replace(state, sizes=cat(s_a.sizes, s_t.sizes), sources=cat(s_a.sources, s_t.sources))
+
+
+def group_patch_labels(labels: Tensor, sources: Tensor, num_prefix: int = 1) -> Tensor:
+    """PTA labels (B, P0) per original patch -> (B, P) per token that holds a group of them (sources (B, P, N0),
+    N0 = num_prefix + P0): a token is relevant when any of its patches is, as a box marks any patch it overlaps."""
+    groups = sources[:, :, num_prefix:]  # (B, P, P0)
+    if groups.shape[0] != labels.shape[0] or groups.shape[-1] != labels.shape[-1]:
+        raise ValueError(f"patch labels {tuple(labels.shape)} do not fit token sources {tuple(sources.shape)} "
+                         f"(B, P0 = N0 - {num_prefix})")
+    return (groups * labels[:, None, :].to(groups.dtype)).amax(dim=-1)  # (B, P)
 
 
 def pta_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
