@@ -8,6 +8,7 @@ from transformers import AutoConfig, BertConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .configuration_patch_align import FUSE_WEIGHTS
 from .token_merging import TokenMergingConfig
 from .transformers_compat import check_transformers_version
 
@@ -29,6 +30,8 @@ DEFAULT_HEADS = dict(
     num_attributes=0,
     teacher_size=0,
 )
+# COPA's text-aware patch detector on the tokens the bridge reads, with PTA from boxes: off by default.
+DEFAULT_DETECTOR = dict(enabled=False, keep_ratio=0.5, hidden_size=None, fuse_weights="logits", pta_weight=1.0)
 # EVA-CLIP ViT-g/14 is not in transformers; CLIP ViT-L/14 @224 has the same 257 tokens.
 DEFAULT_VISION = dict(
     model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -117,6 +120,19 @@ class MergeBridgeConfig(PretrainedConfig):
             added as the last class), `num_attributes`, `teacher_size`. Targets (`class_labels`, `attribute_labels`
             / `attribute_mask`, `region_box_masks` / `region_features` / `region_mask`) are built from boxes as
             `PatchAlignProcessor` builds them. All off by default: no parameters, no change to any output.
+        patch_detector (`dict`, *optional*):
+            COPA's text-aware patch detector between the tower and the bridge (PatchAlign's, `patch_selection.py`):
+            `enabled` (False: nothing is built and no output changes), `keep_ratio` (0.5: of the P patch tokens at
+            `vision_feature_layer` the top K = round(keep_ratio * P) stay in spatial order and the rest are fused
+            into one token, so the bridge reads CLS + K + 1 tokens and `num_image_tokens` follows), `hidden_size`
+            (the detector MLP's width; None = the tower's), `fuse_weights` (`"logits"` or `"scores"`, as
+            PatchAlign's) and `pta_weight` (1.0: the PTA loss's weight in `loss`). The text is the prompt's, as
+            text-guided merging reads it (the mean LLM input embedding of the prompt's text after `<image>`: the
+            question for VQA; never target tokens). A prompt without text (captioning) falls back to PatchAlign's
+            text-agnostic scores, each patch's cosine with CLS, so K stays the same. PTA: `patch_labels` (B, P) /
+            `pta_mask` (B,) from boxes (`MergeBridgeProcessor(boxes=...)`), BCE on the detector's logits for the
+            images whose prompt has text; the loss is added to `loss` and reported as `loss_pta`. Needs a tower
+            with CLS (not SigLIP) and no tower merging up to `vision_feature_layer` (labels are per patch).
 
     Example:
 
@@ -132,6 +148,13 @@ class MergeBridgeConfig(PretrainedConfig):
     >>> config.num_image_tokens  # 17 vision tokens -> 13 -> 9
     9
     >>> model = MergeBridgeForConditionalGeneration(config)
+
+    With the text-aware patch detector (16 patches -> CLS + 8 kept + 1 fused = 10 bridge inputs -> 6 -> 4):
+
+    >>> detected = MergeBridgeConfig(**{**config.to_dict(), "patch_detector": {"enabled": True, "keep_ratio": 0.5}})
+    >>> detected.num_bridge_input_tokens, detected.num_image_tokens
+    (10, 4)
+
     ```
     """
 
@@ -156,6 +179,7 @@ class MergeBridgeConfig(PretrainedConfig):
         temporal_heads: int = 8,
         tie_word_embeddings: bool | None = None,
         semantic_heads: dict | None = None,
+        patch_detector: dict | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision_config = _as_config(vision_config, DEFAULT_VISION, "vision_config")
@@ -184,6 +208,7 @@ class MergeBridgeConfig(PretrainedConfig):
         self.temporal_dim = temporal_dim
         self.temporal_heads = temporal_heads
         self.semantic_heads = self._heads(semantic_heads)
+        self.patch_detector = self._detector(patch_detector)
         self.vision_feature_layer = vision_feature_layer
         self.vision_feature_norm = vision_feature_layer == -1 if vision_feature_norm is None else vision_feature_norm
         # transformers ties the LM head when the top-level config says so; the LLM's config decides by default.
@@ -199,6 +224,7 @@ class MergeBridgeConfig(PretrainedConfig):
         # Validate both schedules against their depths now, not deep inside a forward pass.
         self.bridge_merging_config.schedule(self.bridge_config.num_hidden_layers)
         self.vision_merging_config.schedule(self.vision_config.num_hidden_layers)
+        self._check_detector()
         self._check_guidance()
         self._check_heads()
 
@@ -229,6 +255,57 @@ class MergeBridgeConfig(PretrainedConfig):
                              f"got {heads['region_feature']['loss']!r}")
         return heads
 
+    @staticmethod
+    def _detector(value: dict | None) -> dict:
+        value = dict(value or {})
+        unknown = set(value) - set(DEFAULT_DETECTOR)
+        if unknown:
+            raise ValueError(f"MergeBridgeConfig.patch_detector: unknown keys {sorted(unknown)}; known: "
+                             f"{sorted(DEFAULT_DETECTOR)}")
+        d = {**DEFAULT_DETECTOR, **value}
+        if not isinstance(d["enabled"], bool):
+            raise ValueError(f"MergeBridgeConfig.patch_detector.enabled must be a bool, got {d['enabled']!r}")
+        ratio = d["keep_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"MergeBridgeConfig.patch_detector.keep_ratio must be in (0, 1], got {ratio!r}")
+        size = d["hidden_size"]
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"MergeBridgeConfig.patch_detector.hidden_size must be None or an int >= 1, got {size!r}")
+        if d["fuse_weights"] not in FUSE_WEIGHTS:
+            raise ValueError(f"MergeBridgeConfig.patch_detector.fuse_weights must be one of {FUSE_WEIGHTS}, "
+                             f"got {d['fuse_weights']!r}")
+        weight = d["pta_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"MergeBridgeConfig.patch_detector.pta_weight must be a number >= 0, got {weight!r}")
+        return d
+
+    def _check_detector(self) -> None:
+        """The detector needs CLS (its captioning fallback) and the unmerged patch grid (PTA's labels)."""
+        if not self.patch_detector["enabled"]:
+            return
+        if VISION_LEADING_TOKENS[self.vision_config.model_type] != 1:
+            raise ValueError(
+                f"MergeBridgeConfig: patch_detector with vision_config.model_type={self.vision_config.model_type!r}: "
+                "the detector's text-agnostic fallback (captioning) scores patches by their cosine with CLS, and "
+                "this tower has no CLS token"
+            )
+        if self.num_feature_tokens != self.num_vision_tokens:
+            raise ValueError(
+                f"MergeBridgeConfig: patch_detector with vision_merging r={self.vision_merging['r']}: PTA's per-patch "
+                f"labels need the unmerged patch grid at vision_feature_layer={self.vision_feature_layer}; merge "
+                "only after it, or in the bridge"
+            )
+
+    @property
+    def detector_enabled(self) -> bool:
+        """Whether the text-aware patch detector prunes the bridge's input (and PTA can train it)."""
+        return self.patch_detector["enabled"]
+
+    @property
+    def reads_prompt_text(self) -> bool:
+        """Whether the model embeds the prompt's text for its images (text-guided merging or the patch detector)."""
+        return self.text_guided or self.detector_enabled
+
     @property
     def semantic_heads_enabled(self) -> bool:
         """Whether any semantic head is on (the model then builds them and adds their losses)."""
@@ -244,7 +321,7 @@ class MergeBridgeConfig(PretrainedConfig):
                 f"MergeBridgeConfig: semantic_heads ({', '.join(enabled)}) with freeze_vision=True: the heads train "
                 "the tower's patch tokens, so the tower must be trainable (set freeze_vision=False)"
             )
-        if self.num_bridge_input_tokens != self.num_vision_tokens:
+        if self.num_feature_tokens != self.num_vision_tokens:
             raise ValueError(
                 f"MergeBridgeConfig: semantic_heads ({', '.join(enabled)}) with vision_merging r="
                 f"{self.vision_merging['r']}: the heads' per-patch targets need the unmerged patch grid at "
@@ -326,10 +403,27 @@ class MergeBridgeConfig(PretrainedConfig):
         return vision_num_tokens(self.vision_config)
 
     @property
-    def num_bridge_input_tokens(self) -> int:
-        """Tokens the bridge reads: the feature layer's output (after the tower's own merging, if any)."""
+    def num_feature_tokens(self) -> int:
+        """Tokens of the tower layer the bridge reads (`vision_feature_layer`, after the tower's own merging)."""
         counts = self.vision_merging_config.token_counts(self.num_vision_tokens, self.vision_config.num_hidden_layers)
         return counts[self.vision_feature_layer_index] if counts else self.num_vision_tokens
+
+    @property
+    def num_kept_patches(self) -> int:
+        """K: the patch tokens the detector keeps, round(keep_ratio * P) of the feature layer's P (all without it)."""
+        patches = self.num_feature_tokens - VISION_LEADING_TOKENS[self.vision_config.model_type]
+        if not self.detector_enabled:
+            return patches
+        return max(1, min(patches, round(self.patch_detector["keep_ratio"] * patches)))
+
+    @property
+    def num_bridge_input_tokens(self) -> int:
+        """Tokens the bridge reads: the feature layer's, or with the detector CLS + K kept + 1 fused (none when K = P)."""
+        if not self.detector_enabled:
+            return self.num_feature_tokens
+        leading = VISION_LEADING_TOKENS[self.vision_config.model_type]
+        patches = self.num_feature_tokens - leading
+        return leading + self.num_kept_patches + (1 if self.num_kept_patches < patches else 0)
 
     @property
     def num_image_tokens(self) -> int:

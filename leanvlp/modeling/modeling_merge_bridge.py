@@ -12,6 +12,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_merge_bridge import HEAD_NAMES, VISION_LEADING_TOKENS, MergeBridgeConfig
+from .patch_selection import TextAwarePatchDetector, cls_similarity_scores, pta_loss, select_and_fuse
 from .semantic_heads import IGNORE_INDEX, SemanticHeads
 from .temporal_merging import TemporalTokenMerging
 from .token_merging import (
@@ -35,7 +36,10 @@ class MergeBridgeImageOutput(BaseModelOutputWithPooling):
     (per frame for videos); bridge_hidden_states / bridge_attentions: the bridge's before its output projection,
     when asked; bridge_token_counts: tokens after each bridge layer; vision_sources / bridge_sources: with
     `track_sources=True`, which input tokens each output token of the tower's last layer / of the bridge holds
-    (B*T, N', N) / (B, M, N0) 0/1 (the `merge_map` input).
+    (B*T, N', N) / (B, M, N0) 0/1 (the `merge_map` input; N0 counts the bridge's inputs, after the detector).
+    With `patch_detector` on: patch_logits (B, P) the detector's logits, kept_patches (B, K) the kept patches'
+    grid indices (spatial order) and patch_text_aware (B,) which images were scored with prompt text (the
+    others by their cosine with CLS); `last_hidden_state` stays the tower's unpruned features.
     """
 
     bridge_hidden_states: tuple[Tensor, ...] | None = None
@@ -43,6 +47,9 @@ class MergeBridgeImageOutput(BaseModelOutputWithPooling):
     bridge_token_counts: list[int] | None = None
     vision_sources: Tensor | None = None
     bridge_sources: Tensor | None = None
+    patch_logits: Tensor | None = None
+    kept_patches: Tensor | None = None
+    patch_text_aware: Tensor | None = None
 
 
 @dataclass
@@ -57,10 +64,12 @@ class MergeBridgeModelOutput(BaseModelOutputWithPast):
 class MergeBridgeOutput(CausalLMOutputWithPast):
     """Output of [`MergeBridgeForConditionalGeneration`]: the LLM's fields, then `image_outputs`
     ([`MergeBridgeImageOutput`]) when pixels were given. `loss` is the caption/answer LM loss plus the weighted
-    semantic-head losses when those heads are on and given targets; `semantic_losses` holds each head's loss."""
+    semantic-head losses when those heads are on and given targets, plus `pta_weight * loss_pta` when the patch
+    detector is on and given `patch_labels`; `semantic_losses` holds each head's loss, `loss_pta` the PTA loss."""
 
     image_outputs: MergeBridgeImageOutput | None = None
     semantic_losses: dict[str, Tensor] | None = None
+    loss_pta: Tensor | None = None
 
 
 def prompt_embeds(inputs_embeds: Tensor, image_mask: Tensor, attention_mask: Tensor | None = None,
@@ -237,6 +246,9 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
         )
         self.bridge = MergeBridgeBridge(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        det = config.patch_detector
+        self.detector = TextAwarePatchDetector(config.vision_config.hidden_size, config.text_config.hidden_size,
+                                               det["hidden_size"]) if det["enabled"] else None  # off: no parameters
         self.post_init()
         self.apply_freezing()
 
@@ -301,14 +313,37 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
                                       output_attentions=output_attentions)
         vision = capture.hidden if capture is not None else tower.last_hidden_state  # (B*T, N, Cv)
         vision = vision.view(b, t, *vision.shape[1:]).mean(dim=1)  # (B, N, Cv): frame mean (identity for images)
-        bridge = self.bridge(vision, track_sources=track_sources, output_hidden_states=output_hidden_states,
+        selected, detection = vision, {}
+        if self.detector is not None:
+            selected, detection = self.select_patches(vision, text_embeds)  # (B, 1 + K + 1, Cv)
+        bridge = self.bridge(selected, track_sources=track_sources, output_hidden_states=output_hidden_states,
                              output_attentions=output_attentions, text_embeds=text_embeds)
         return MergeBridgeImageOutput(
             last_hidden_state=vision, pooler_output=bridge.last_hidden_state, hidden_states=tower.hidden_states,
             attentions=tower.attentions, bridge_hidden_states=bridge.hidden_states,
             bridge_attentions=bridge.attentions, bridge_token_counts=bridge.token_counts,
-            vision_sources=tower.sources, bridge_sources=bridge.sources,
+            vision_sources=tower.sources, bridge_sources=bridge.sources, **detection,
         )
+
+    def select_patches(self, vision: Tensor, text_embeds: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The patch detector on the bridge's input (B, N, Cv): keep the top K patches, fuse the rest into one token.
+
+        Rows with prompt text (a non-zero `text_embeds` row, (B, C_llm)) rank patches by the text-aware detector's
+        sigmoid scores and fuse by `fuse_weights`; rows without (captioning, or no text given) by PatchAlign's
+        text-agnostic scores, the cosine with CLS. Returns the tokens (B, 1 + K + 1, Cv) and the output fields.
+        """
+        det, leading = self.config.patch_detector, VISION_LEADING_TOKENS[self.config.vision_config.model_type]
+        if text_embeds is None:
+            text_embeds = vision.new_zeros(vision.shape[0], self.config.text_config.hidden_size)
+        aware = text_embeds.ne(0).any(dim=-1)  # (B,)
+        logits = self.detector(vision[:, leading:], text_embeds.to(vision.dtype))  # (B, P)
+        agnostic = cls_similarity_scores(vision, leading)  # (B, P)
+        aware_fuse = logits if det["fuse_weights"] == "logits" else logits.sigmoid()
+        scores = torch.where(aware[:, None], logits.sigmoid(), agnostic)
+        fuse = torch.where(aware[:, None], aware_fuse, agnostic)
+        tokens, _, _, kept = select_and_fuse(vision, scores, self.config.num_kept_patches, num_prefix=leading,
+                                             fuse_scores=fuse)
+        return tokens, {"patch_logits": logits, "kept_patches": kept, "patch_text_aware": aware}
 
     def get_placeholder_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor) -> Tensor:
         """(B, L) True at `<image>` positions, from the ids or, without them, from the embedded placeholder."""
@@ -355,7 +390,7 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
                     "build inputs with MergeBridgeProcessor"
                 )
             text_embeds = None
-            if self.config.text_guided:
+            if self.config.reads_prompt_text:
                 text_embeds = prompt_embeds(inputs_embeds, mask, attention_mask, text_guidance_mask)  # (B, C_llm)
                 text_embeds = text_embeds.repeat_interleave(mask.sum(dim=1) // per_image, dim=0)  # (B_img, C_llm)
             image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
@@ -444,7 +479,8 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
                 text_guidance_mask: Tensor | None = None, class_labels: Tensor | None = None,
                 attribute_labels: Tensor | None = None, attribute_mask: Tensor | None = None,
                 region_box_masks: Tensor | None = None, region_features: Tensor | None = None,
-                region_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeOutput:
+                region_mask: Tensor | None = None, patch_labels: Tensor | None = None,
+                pta_mask: Tensor | None = None, **kwargs: Any) -> MergeBridgeOutput:
         r"""
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
             Next-token targets aligned with `input_ids` (shifted inside the loss, or pass `shift_labels`); -100
@@ -460,11 +496,14 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         class_labels, attribute_labels, attribute_mask, region_box_masks, region_features, region_mask:
             Per-image semantic-head targets over the patch grid, as `PatchAlignProcessor` builds them from boxes
             (see `SemanticHeads`); used only when `config.semantic_heads` enables the head.
+        patch_labels (`torch.FloatTensor` of shape `(B_img, P)`), pta_mask (`torch.BoolTensor` of shape `(B_img,)`):
+            PTA targets per image patch from boxes (`MergeBridgeProcessor(boxes=...)`); used only when
+            `config.patch_detector` is on. Images whose prompt has no text never count (their detector had none).
 
         `generate()` is GenerationMixin's own: it sends `pixel_values` only at prefill (or on every step
         without a cache, when the prompt is re-read whole; text guidance then still reads the prompt only).
         """
-        if labels is not None and self.config.text_guided:
+        if labels is not None and self.config.reads_prompt_text:
             unlabelled = labels == IGNORE_INDEX  # (B, L)
             text_guidance_mask = unlabelled if text_guidance_mask is None else text_guidance_mask.bool() & unlabelled
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -488,7 +527,29 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
             weights = {name: self.config.semantic_heads[name]["weight"] for name in semantic_losses}
             weighted = sum(weights[name] * value for name, value in semantic_losses.items())
             loss = weighted if loss is None else loss + weighted
-        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits, semantic_losses=semantic_losses)
+        loss_pta = None
+        if self.config.detector_enabled and patch_labels is not None:
+            loss_pta = self._pta_loss(out.image_outputs, patch_labels, pta_mask)
+            weighted = self.config.patch_detector["pta_weight"] * loss_pta
+            loss = weighted if loss is None else loss + weighted
+        return outputs_from(MergeBridgeOutput, out, loss=loss, logits=logits, semantic_losses=semantic_losses,
+                            loss_pta=loss_pta)
+
+    @staticmethod
+    def _pta_loss(image_outputs: MergeBridgeImageOutput | None, patch_labels: Tensor,
+                  pta_mask: Tensor | None) -> Tensor:
+        """PTA on the detector's logits, over the images that have boxes and were scored with prompt text."""
+        if image_outputs is None or image_outputs.patch_logits is None:
+            raise ValueError("MergeBridge: patch_labels need images (pixel_values) for the patch detector to score")
+        logits, aware = image_outputs.patch_logits, image_outputs.patch_text_aware  # (B_img, P), (B_img,)
+        if patch_labels.shape != logits.shape:
+            raise ValueError(f"MergeBridge: patch_labels of shape {tuple(patch_labels.shape)} does not fit "
+                             f"{logits.shape[0]} images x {logits.shape[1]} patches")
+        if pta_mask is not None and pta_mask.shape != aware.shape:
+            raise ValueError(f"MergeBridge: pta_mask must have shape ({aware.shape[0]},) (one flag per image), got "
+                             f"{tuple(pta_mask.shape)}")
+        mask = aware if pta_mask is None else aware & pta_mask.to(aware.device).bool()
+        return pta_loss(logits, patch_labels.to(logits.device), mask)
 
     def _semantic_losses(self, pixel_values: Tensor | None, image_outputs: MergeBridgeImageOutput | None,
                          targets: dict[str, Tensor | None]) -> dict[str, Tensor]:
@@ -518,7 +579,7 @@ class MergeBridgeForConditionalGeneration(MergeBridgePreTrainedModel, Generation
         guidance = model_kwargs.get("text_guidance_mask")
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
                                                                    num_new_tokens)
-        if self.config.text_guided and (guidance is not None or attention_mask is not None):
+        if self.config.reads_prompt_text and (guidance is not None or attention_mask is not None):
             if guidance is None:  # after prefill: the prompt is everything so far
                 guidance = torch.ones(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
             model_kwargs["text_guidance_mask"] = torch.cat(

@@ -12,6 +12,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, TextKwargs, Unpack
 
 from .inputs import check_kwargs, check_texts, prepare_images, tokenizer_limit
+from .processing_patch_align import _GEOMETRY_KWARGS, PatchAlignProcessor
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATES = {"caption": "", "vqa": "Question: {question} Short answer:"}
@@ -78,6 +79,16 @@ class MergeBridgeProcessor(ProcessorMixin):
             `"Question: {question} Short answer:"` (EVLGen's).
         chat_template (`str`, *optional*): Defaults to `default_chat_template(image_token, prompt_templates)`, so
             `apply_chat_template` gives `build_prompt`'s prompts; saved as `chat_template.jinja`.
+        patch_size (`int`, *optional*): The tower's patch size; needed only for `boxes=` (set by
+            `from_vision_text_pretrained(config=...)`).
+        object_classes / attributes (`list[str]`, *optional*), synonyms (`dict`, *optional*): the box vocabularies
+            of the semantic-head targets and extra words that make a box text-relevant, as `PatchAlignProcessor`'s.
+
+    Boxes (optional): `boxes=` (per image, COCO xywh in stored pixels) with `box_labels=` (and `box_attributes=` /
+    `box_features=` for the semantic heads) adds the patch-level targets `PatchAlignProcessor` builds from them
+    (`patch_labels`, `pta_mask`, and `class_labels`... when the vocabularies are set), for the patch detector's PTA
+    loss and the semantic heads. A box is text-relevant when its category is a word of its image's prompt text
+    (the question; a captioning prompt has none, and the model's PTA skips such images anyway).
     """
 
     valid_processor_kwargs = MergeBridgeProcessorKwargs
@@ -91,13 +102,22 @@ class MergeBridgeProcessor(ProcessorMixin):
         max_length: int | None = None,
         prompt_templates: dict[str, str] | None = None,
         chat_template: str | None = None,
+        patch_size: int | None = None,
+        object_classes: list[str] | None = None,
+        attributes: list[str] | None = None,
+        synonyms: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"MergeBridgeProcessor: num_image_tokens must be a positive int, got {num_image_tokens!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"MergeBridgeProcessor: max_length must be a positive int, got {max_length!r}")
+        if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1):
+            raise ValueError(f"MergeBridgeProcessor: patch_size must be a positive int, got {patch_size!r}")
         self.num_image_tokens = num_image_tokens
+        self.patch_size = patch_size
+        self.object_classes, self.attributes = list(object_classes or []), list(attributes or [])
+        self.synonyms = dict(synonyms or {})
         self.image_token = image_token
         self.prompt_templates = dict(prompt_templates or PROMPT_TEMPLATES)
         if chat_template is None:
@@ -126,6 +146,7 @@ class MergeBridgeProcessor(ProcessorMixin):
         add_special_tokens(tokenizer, image_token)
         if config is not None:
             num_image_tokens = config.num_image_tokens
+            kwargs.setdefault("patch_size", config.vision_config.patch_size)
         if num_image_tokens is None:
             raise ValueError("MergeBridgeProcessor.from_vision_text_pretrained needs config= or num_image_tokens=")
         max_length = kwargs.pop("max_length", getattr(getattr(config, "text_config", None), "max_position_embeddings", None))
@@ -183,6 +204,10 @@ class MergeBridgeProcessor(ProcessorMixin):
         videos: Sequence[Sequence[Any]] | None = None,
         targets: str | Sequence[str] | None = None,
         audio: None = None,
+        boxes: Sequence[Sequence[Sequence[float]] | None] | None = None,
+        box_labels: Sequence[Sequence[str] | None] | None = None,
+        box_attributes: Sequence[Sequence[Sequence[str]] | None] | None = None,
+        box_features: Sequence[Sequence[Sequence[float]] | None] | None = None,
         **kwargs: Unpack[MergeBridgeProcessorKwargs],
     ) -> BatchFeature:
         """Tokenise prompts (with `<image>` expanded), process images or videos, and build labels for targets.
@@ -251,12 +276,37 @@ class MergeBridgeProcessor(ProcessorMixin):
             data["text_replacement_offsets"] = offsets
         if flat_images is not None:
             data["pixel_values"] = self.image_processor(flat_images, **images_kwargs)["pixel_values"]  # (B, C, H, W)
+        if boxes is not None:
+            data.update(self._box_targets(flat_images, prompts, images_kwargs, boxes, box_labels, box_attributes,
+                                          box_features))
         elif clips is not None:
             frames = [frame for clip in clips for frame in clip]
             pixels = self.image_processor(frames, **{**images_kwargs, "return_tensors": "pt"})["pixel_values"]
             data["pixel_values"] = pixels.view(len(clips), len(clips[0]), *pixels.shape[1:])  # (B, T, C, H, W)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"),
                             skip_tensor_conversion=["text_replacement_offsets"])
+
+    def _box_targets(self, images: list[Any] | None, prompts: list[str], images_kwargs: dict[str, Any],
+                     boxes: Sequence[Any], box_labels: Any, box_attributes: Any, box_features: Any) -> dict[str, Any]:
+        """Patch-level targets per image, built by `PatchAlignProcessor` with each image's prompt text (placeholders
+        removed) as the text that makes a box relevant."""
+        if images is None:
+            raise ValueError("MergeBridgeProcessor: boxes need images= (videos have no per-frame boxes)")
+        if self.patch_size is None:
+            raise ValueError("MergeBridgeProcessor: boxes need patch_size (the vision tower's); build the processor "
+                             "with patch_size= or from_vision_text_pretrained(config=...)")
+        changed = sorted(k for k in _GEOMETRY_KWARGS if k in images_kwargs)
+        if changed:
+            raise ValueError(f"MergeBridgeProcessor: image kwargs {changed} change the resize / crop geometry, which "
+                             "the boxes cannot follow; set them on the image processor instead")
+        texts = [p.replace(self.image_token, " ").strip() for p in prompts for _ in range(p.count(self.image_token))]
+        boxer = PatchAlignProcessor(self.image_processor, self.tokenizer, patch_size=self.patch_size,
+                                    object_classes=self.object_classes, attributes=self.attributes,
+                                    synonyms=self.synonyms)
+        out = boxer(images=images, text=texts, boxes=boxes, box_labels=box_labels, box_attributes=box_attributes,
+                    box_features=box_features)
+        return {k: v for k, v in out.items() if k not in ("pixel_values", "input_ids", "attention_mask",
+                                                          "token_type_ids")}
 
     def _call_max_length(self, requested: int | None) -> int | None:
         """The bound of this call: the requested `max_length`, which may not exceed the LLM context."""
