@@ -418,7 +418,7 @@ class MergeBridgeConfig(PretrainedConfig):
 
     @property
     def num_bridge_input_tokens(self) -> int:
-        """Tokens the bridge reads: the feature layer's, or with the detector CLS + K kept + 1 fused (none when K = P)."""
+        """Tokens the bridge reads: the feature layer's, or with the detector CLS + K kept + 1 fused (none if K = P)."""
         if not self.detector_enabled:
             return self.num_feature_tokens
         leading = VISION_LEADING_TOKENS[self.vision_config.model_type]

@@ -292,9 +292,9 @@ class PatchAlignConfig(PretrainedConfig):
             raise ValueError(f"PatchAlignConfig.vision_merging.protected must be 1 (the CLS token, which ITC and the "
                              f"detector read at index 0), got {merging.protected}")
         if merging.protect_relevant:
-            raise ValueError(f"PatchAlignConfig.vision_merging.protect_relevant={merging.protect_relevant}: text-guided "
-                             "merging is not available in PatchAlign's tower; its text-aware selection is "
-                             "patch_detector")
+            raise ValueError(f"PatchAlignConfig.vision_merging.protect_relevant={merging.protect_relevant}: "
+                             "text-guided merging is not available in PatchAlign's tower; its text-aware selection "
+                             "is patch_detector")
         return merging.to_dict()
 
     def _check_merging(self) -> None:

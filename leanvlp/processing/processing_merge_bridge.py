@@ -112,7 +112,8 @@ class MergeBridgeProcessor(ProcessorMixin):
             raise ValueError(f"MergeBridgeProcessor: num_image_tokens must be a positive int, got {num_image_tokens!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"MergeBridgeProcessor: max_length must be a positive int, got {max_length!r}")
-        if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1):
+        if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool)
+                                       or patch_size < 1):
             raise ValueError(f"MergeBridgeProcessor: patch_size must be a positive int, got {patch_size!r}")
         self.num_image_tokens = num_image_tokens
         self.patch_size = patch_size
