@@ -275,7 +275,8 @@ class MergeBridgeModel(MergeBridgePreTrainedModel):
         """Images (B, 3, H, W) or videos (B, T, 3, H, W) -> `pooler_output`, the visual prefix (B, M, C_llm).
 
         `text_embeds` (B, C_llm): per image, the mean LLM input embedding of its prompt's text (`prompt_embeds`),
-        for text-guided merging; None (or a zero row) merges plainly. `kwargs`: the per-image kwargs other VLMs
+        for text-guided merging and the patch detector; None (or a zero row) merges plainly and lets the detector
+        fall back to CLS similarity. `kwargs`: the per-image kwargs other VLMs
         take (`image_sizes`...), which callers such as serving engines pass along; MergeBridge's fixed-size
         towers do not need them.
         """
