@@ -36,6 +36,7 @@ SCHEDULES = [
     ({"r": 2}, "all", [15, 8, 6, 4]),
     ({"r": [3, 0, 0, 1]}, "all", [14, 8, 8, 7]),  # 13 scored, K=round(6.5)=6
 ]
+KEEP_ALL = ({"r": 2}, "before_detector", [15, 13, 13, 13])  # keep_ratio 1.0: all 12 kept, no fused token
 
 
 def seeds(n: int) -> torch.Tensor:
@@ -72,9 +73,10 @@ def test_patch_align_merging_off_adds_nothing_and_changes_no_bit():
     assert not torch.equal(merged.loss_itc, reference.loss_itc)  # on: the image tokens change
 
 
-@pytest.mark.parametrize("merging, blocks, counts", SCHEDULES)
-def test_patch_align_token_counts_equal_the_config(merging, blocks, counts):
-    model = patch_align(vision_merging=merging, vision_merging_blocks=blocks)
+@pytest.mark.parametrize("merging, blocks, counts, keep_ratio", [(*s, 0.5) for s in SCHEDULES] + [(*KEEP_ALL, 1.0)])
+def test_patch_align_token_counts_equal_the_config(merging, blocks, counts, keep_ratio):
+    model = patch_align(vision_merging=merging, vision_merging_blocks=blocks,
+                        patch_detector=dict(layer=2, keep_ratio=keep_ratio))
     config = model.config
     assert config.vision_token_counts == counts and config.num_image_tokens == counts[-1]
     pixels, _ = batch()
@@ -305,6 +307,11 @@ def test_detector_with_tower_merging_after_the_feature_layer_builds(tokenizer):
     config = make_config(tokenizer, vision_config=VISION, patch_detector=DETECTOR, vision_merging={"r": [0, 2]},
                          vision_feature_layer=1, vision_feature_norm=False)
     assert config.num_feature_tokens == 37 and config.num_bridge_input_tokens == 11
+    keep_all = make_model(tokenizer, vision_config=VISION, patch_detector={"enabled": True, "keep_ratio": 1.0})
+    assert keep_all.config.num_bridge_input_tokens == 37  # K = P: no fused token
+    with torch.no_grad():
+        out = keep_all.get_image_features(torch.randn(2, 3, 48, 48), track_sources=True)
+    assert out.bridge_sources.shape == (2, keep_all.config.num_image_tokens, 37)
 
 
 def test_generate_reads_the_question_cached_or_not(tokenizer):
