@@ -361,6 +361,7 @@ REMOTE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: about 6 s
 def test_save_reload_and_remote_code_keep_both_switches(tokenizer, tmp_path):
     bridge = make_model(tokenizer, **COMPOSED)
     bridge_batch = dict(processor(tokenizer, bridge)(images=images(2), text=PROMPTS, targets=["a red circle", "blue"],
