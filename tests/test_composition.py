@@ -408,3 +408,16 @@ def test_config_docstring_examples_run(module):
     for test in finder.find(config_class, globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries >= 4
+
+
+def test_speed_evaluator_counts_the_detector_tokens(tokenizer):
+    """eval.py's speed task predicts every stage's tokens from the config: with the detector on, the bridge reads
+    CLS + K + the fused token, not the tower's output."""
+    from leanvlp.evaluation.families import MergeBridgeEvaluator
+
+    model = make_model(tokenizer, vision_config=VISION, patch_detector=DETECTOR, bridge_merging=GUIDED_SMALL).eval()
+    evaluator = MergeBridgeEvaluator(model, processor(tokenizer, model))
+    with torch.no_grad():
+        measured = evaluator.measured_tokens(evaluator.batch(images(2), ["a red circle", "blue"]))
+    assert measured == evaluator.derived_tokens()
+    assert (measured["vision_out"], measured["bridge_in"], measured["bridge"]) == (37, 11, [9, 7])

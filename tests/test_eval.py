@@ -150,12 +150,12 @@ def test_speed_flops_shrink_with_merging_and_tokens_equal_the_configs_counts(eva
 
     layers = config.bridge_config.num_hidden_layers
     n_in, n_bridge = config.num_vision_tokens, config.num_bridge_input_tokens
-    assert on["tokens"] == {"vision_in": n_in, "vision_out": n_bridge,
+    assert on["tokens"] == {"vision_in": n_in, "vision_out": n_bridge, "bridge_in": n_bridge,
                             "bridge": config.bridge_merging_config.token_counts(n_bridge, layers),
                             "llm_prefix": config.num_image_tokens}
     assert on["tokens"] == on["derived_tokens"] and off["tokens"] == off["derived_tokens"]
     assert on["tokens"]["bridge"] == [13, 9]  # 17 tokens, r=4 in each of 2 layers
-    assert off["tokens"] == {"vision_in": n_in, "vision_out": n_bridge, "bridge": [n_bridge] * layers,
+    assert off["tokens"] == {"vision_in": n_in, "vision_out": n_bridge, "bridge_in": n_bridge, "bridge": [n_bridge] * layers,
                              "llm_prefix": n_bridge}
     assert speed["metrics"]["flops_reduction_forward"] == off["forward_flops"] / on["forward_flops"] > 1
     assert all(s["peak_memory_bytes"] > 0 and s["generate_images_per_s"] > 0 for s in (off, on))

@@ -113,12 +113,13 @@ class MergeBridgeEvaluator(_SpeedCalls):
 
     def derived_tokens(self) -> dict[str, Any]:
         """Visual tokens at each stage as the configs predict them (for the current setting)."""
-        tower, encoder = self.model.vision_tower, self.model.bridge.encoder
+        tower, encoder, config = self.model.vision_tower, self.model.bridge.encoder, self.model.config
         vision_in = tower.num_tokens()
         vision_out = (tower.token_counts() or [vision_in])[-1]
-        bridge = encoder.token_counts(vision_out)
-        return {"vision_in": vision_in, "vision_out": vision_out, "bridge": bridge,
-                "llm_prefix": (bridge or [vision_out])[-1]}
+        bridge_in = config.num_bridge_input_tokens  # the feature layer's tokens, after the patch detector if on
+        bridge = encoder.token_counts(bridge_in)
+        return {"vision_in": vision_in, "vision_out": vision_out, "bridge_in": bridge_in, "bridge": bridge,
+                "llm_prefix": (bridge or [bridge_in])[-1]}
 
     # -- the calls that speed measures
 
@@ -136,7 +137,7 @@ class MergeBridgeEvaluator(_SpeedCalls):
     def token_columns(self, tokens: dict[str, Any]) -> dict[str, Any]:
         """Visual tokens per stage as speed-table columns."""
         return {"vision tokens in/out": f"{tokens['vision_in']}/{tokens['vision_out']}",
-                "bridge tokens": " → ".join(str(n) for n in [tokens["vision_out"], *tokens["bridge"]]),
+                "bridge tokens": " → ".join(str(n) for n in [tokens["bridge_in"], *tokens["bridge"]]),
                 "LLM prefix tokens": tokens["llm_prefix"]}
 
     def measured_tokens(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -148,8 +149,12 @@ class MergeBridgeEvaluator(_SpeedCalls):
         prefix = int((batch["generate"]["input_ids"][0] == self.processor.image_token_id).sum())
         if prefix != features.shape[1]:
             raise RuntimeError(f"the prompt holds {prefix} image tokens but the bridge gave {features.shape[1]}")
+        bridge_in = vision.shape[1]
+        if image.kept_patches is not None:  # the patch detector: the bridge reads CLS + K kept + the fused token
+            patches, kept = image.patch_logits.shape[1], image.kept_patches.shape[1]
+            bridge_in = vision.shape[1] - patches + kept + int(kept < patches)
         return {"vision_in": self.model.vision_tower.num_tokens(int(pixels.shape[-1])), "vision_out": vision.shape[1],
-                "bridge": list(counts), "llm_prefix": features.shape[1]}
+                "bridge_in": bridge_in, "bridge": list(counts), "llm_prefix": features.shape[1]}
 
 
 def patch_align_report(model: Any, processor: Any, data: Dataset | None, task: str, num_images: int,
@@ -273,10 +278,8 @@ class PatchAlignEvaluator(_SpeedCalls):
 
     def derived_tokens(self) -> dict[str, Any]:
         config = self.model.config
-        vision_in = 1 + config.num_patches
-        kept = config.num_kept_patches
-        out = 1 + kept + (1 if kept < config.num_patches else 0)  # CLS + kept + the fused token
-        return {"vision_in": vision_in, "after_detector": out, "llm_prefix": out}
+        out = config.num_image_tokens  # CLS + kept + the fused token, after any merging in the tower
+        return {"vision_in": 1 + config.num_patches, "after_detector": out, "llm_prefix": out}
 
     # -- the calls that speed measures
 

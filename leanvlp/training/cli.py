@@ -182,8 +182,7 @@ def visual_tokens(model: Any) -> dict[str, Any]:
     config = model.config
     if config.model_type == "patch_align":
         det = config.patch_detector
-        kept = config.num_kept_patches
-        out = 1 + kept + (1 if kept < config.num_patches else 0)  # CLS + kept + the fused token
+        out = config.num_image_tokens  # CLS + kept + the fused token, after any merging in the tower
         return {"visual_tokens": out, "line": f"{1 + config.num_patches} -> {out} (patch detector after block "
                 f"{det['layer']}, keep ratio {det['keep_ratio']})", "patch_detector": det}
     return {"visual_tokens": config.num_image_tokens, "bridge_merging": config.bridge_merging,
