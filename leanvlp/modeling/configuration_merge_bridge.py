@@ -229,12 +229,17 @@ class MergeBridgeConfig(PretrainedConfig):
         self._check_heads()
 
     @staticmethod
-    def _heads(value: dict | None) -> dict:
+    def _known(value: dict | None, defaults: dict, field: str) -> dict:
+        """A copy of a dict setting whose keys are all known (the error names the field and the unknown keys)."""
         value = dict(value or {})
-        unknown = set(value) - set(DEFAULT_HEADS)
+        unknown = set(value) - set(defaults)
         if unknown:
-            raise ValueError(f"MergeBridgeConfig.semantic_heads: unknown keys {sorted(unknown)}; known: "
-                             f"{sorted(DEFAULT_HEADS)}")
+            raise ValueError(f"MergeBridgeConfig.{field}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+        return value
+
+    @classmethod
+    def _heads(cls, value: dict | None) -> dict:
+        value = cls._known(value, DEFAULT_HEADS, "semantic_heads")
         heads: dict[str, Any] = {}
         for key, default in DEFAULT_HEADS.items():
             if key in HEAD_NAMES:
@@ -255,14 +260,9 @@ class MergeBridgeConfig(PretrainedConfig):
                              f"got {heads['region_feature']['loss']!r}")
         return heads
 
-    @staticmethod
-    def _detector(value: dict | None) -> dict:
-        value = dict(value or {})
-        unknown = set(value) - set(DEFAULT_DETECTOR)
-        if unknown:
-            raise ValueError(f"MergeBridgeConfig.patch_detector: unknown keys {sorted(unknown)}; known: "
-                             f"{sorted(DEFAULT_DETECTOR)}")
-        d = {**DEFAULT_DETECTOR, **value}
+    @classmethod
+    def _detector(cls, value: dict | None) -> dict:
+        d = {**DEFAULT_DETECTOR, **cls._known(value, DEFAULT_DETECTOR, "patch_detector")}
         if not isinstance(d["enabled"], bool):
             raise ValueError(f"MergeBridgeConfig.patch_detector.enabled must be a bool, got {d['enabled']!r}")
         ratio = d["keep_ratio"]
