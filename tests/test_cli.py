@@ -61,6 +61,11 @@ def test_eval_help_shows_each_default_once(capsys):
     (["--config", "nope.yaml"], "--config: no such file 'nope.yaml'"),
     (["--num_eval_images", "-1"], "--num_eval_images must be >= 0, got -1"),
     (["--bridge_r", "a,b"], "--bridge_r: expected integers"),
+    (["--tiny_vision_init", "imagenet"], "--tiny_vision_init: expected one of ('shapes', 'random'), got 'imagenet'"),
+    (["--tiny_vision_hidden", "128", "--tiny_vision_init", "shapes"],
+     "--tiny_vision_hidden 128 with --tiny_vision_init shapes"),
+    (["--family", "patch_align", "--task", "pretrain", "--tiny_vision_init", "shapes"],
+     "--tiny_vision_init shapes: the embedded shapes tower starts a MergeBridge built from scratch"),
 ])
 def test_train_usage_errors_are_one_line_and_exit_code_2(argv, message, capsys):
     assert train_main(argv) == 2

@@ -47,6 +47,10 @@ class ModelArguments:
                 "checkpoint; trained when the tower is built from scratch, and for PatchAlign)"})
     freeze_llm: bool = field(default=False, metadata={
         "help": "freeze the LLM (PatchAlign: the BERT text encoder); the tiny demo trains its random LLM"})
+    tiny_vision_init: str | None = field(default=None, metadata={
+        "help": "MergeBridge without --vision_model: 'shapes' starts from the embedded tiny ViT pretrained on shapes "
+                "(frozen; its sizes fix the tiny ViT flags), 'random' builds the tiny ViT from the tiny_* sizes; "
+                "default: shapes on the shapes dataset unless a tiny ViT size is given, random elsewhere"})
     tiny_image_size: int = field(default=64, metadata={"help": "tiny ViT: image side in pixels"})
     tiny_patch_size: int = field(default=8, metadata={"help": "tiny ViT: patch side in pixels"})
     tiny_vision_hidden: int = field(default=64, metadata={"help": "tiny ViT: width"})
@@ -144,8 +148,9 @@ HINTS = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size", "bs
 MODEL_FIELDS = ("family", "checkpoint", "vision_model", "text_model", "bridge_init", "bridge_r", "bridge_mode",
                 "bridge_prop_attn", "bridge_layers", "bridge_hidden", "bridge_dropout", "vision_r", "freeze_vision",
                 "freeze_llm", "license")
-TINY_FIELDS = ("tiny_image_size", "tiny_patch_size", "tiny_vision_hidden", "tiny_vision_layers", "tiny_llm_hidden",
-               "tiny_llm_layers")
+TINY_VISION_INITS = ("shapes", "random")
+TINY_VISION_FIELDS = ("tiny_image_size", "tiny_patch_size", "tiny_vision_hidden", "tiny_vision_layers")
+TINY_FIELDS = (*TINY_VISION_FIELDS, "tiny_llm_hidden", "tiny_llm_layers")
 PATCH_ALIGN_FIELDS = ("keep_ratio", "detector_layer", "semantic_heads", "fusion_layers", "decoder_layers",
                       "embed_dim")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_target")
@@ -250,8 +255,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         parse_r(model_args.bridge_r)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    check_tiny_vision_init(model_args, data_args)
     if model_args.freeze_vision is None:  # a random tower learns nothing frozen
-        pretrained = model_args.vision_model is not None or model_args.checkpoint is not None
+        pretrained = (model_args.vision_model is not None or model_args.checkpoint is not None
+                      or model_args.tiny_vision_init == "shapes")
         model_args.freeze_vision = model_args.family == "merge_bridge" and pretrained
     if data_args.train_captions is None:  # shapes' captions are template variants of one scene description
         data_args.train_captions = "consensus" if data_args.dataset == "shapes" else "all"
@@ -263,6 +270,25 @@ def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
         unknown = set(parse_heads(model_args.semantic_heads)) - set(HEADS)
         if unknown:
             raise UsageError(f"--semantic_heads: unknown head(s) {sorted(unknown)}; choose among {HEADS}")
+
+
+def check_tiny_vision_init(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Resolve --tiny_vision_init; the embedded shapes tower has fixed sizes, so a changed tiny ViT size is refused."""
+    init = model_args.tiny_vision_init
+    if init not in (*TINY_VISION_INITS, None):
+        raise UsageError(f"--tiny_vision_init: expected one of {TINY_VISION_INITS}, got {init!r}")
+    tiny_tower = model_args.family == "merge_bridge" and model_args.vision_model is None and model_args.checkpoint is None
+    defaults = ModelArguments()
+    sized = [name for name in TINY_VISION_FIELDS if getattr(model_args, name) != getattr(defaults, name)]
+    if init is None:  # a tiny ViT size given asks for a new tiny ViT
+        init = "shapes" if tiny_tower and data_args.dataset == "shapes" and not sized else "random"
+    elif init == "shapes" and not tiny_tower:
+        raise UsageError("--tiny_vision_init shapes: the embedded shapes tower starts a MergeBridge built from scratch "
+                         "(no --vision_model / --checkpoint, --family merge_bridge)")
+    elif init == "shapes" and sized:
+        raise UsageError(f"--{sized[0]} {getattr(model_args, sized[0])} with --tiny_vision_init shapes: the embedded "
+                         "shapes tower has its own sizes; pass --tiny_vision_init random for a new tiny ViT")
+    model_args.tiny_vision_init = init
 
 
 def parse_heads(text: str) -> list[str]:

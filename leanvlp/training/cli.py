@@ -23,6 +23,7 @@ from ..evaluation.arguments import dataset_fields
 from ..evaluation.generation import object_mentions, present_objects
 from .arguments import DataArguments, ModelArguments, parse_args
 from .models import annotation_vocab, apply_lora, build_merge_bridge, build_patch_align, corpus_of
+from .shapes_tower import RECIPE as SHAPES_TOWER_RECIPE
 from .trainer import CollatorEpoch, LeanTrainer, is_loss_term, save_loss_curve
 
 
@@ -145,12 +146,18 @@ def hub_datasets(args: DataArguments) -> list[str]:
 PROJECT_LICENSE = "apache-2.0"  # leanvlp's: a model trained from scratch on its own data defaults to it
 
 
-def training_data_line(args: DataArguments, data: Dataset | IterableDataset) -> str:
-    """What the model was trained on, for the card (no Hub id is invented for data built in code)."""
+def training_data_line(args: DataArguments, data: Dataset | IterableDataset, model_args: ModelArguments) -> str:
+    """What the model was trained on, for the card (no Hub id is invented for data or towers built in code)."""
     if args.dataset == "shapes":
-        return (f"{len(data):,} procedural shapes images (`leanvlp.data.make_shapes_dataset`, indices 0-"
+        line = (f"{len(data):,} procedural shapes images (`leanvlp.data.make_shapes_dataset`, indices 0-"
                 f"{len(data) - 1:,}; built in code, not a Hub dataset), task {args.task}")
-    return f"{args.data_path} (split {args.train_split}, {args.dataset}), task {args.task}"
+    else:
+        line = f"{args.data_path} (split {args.train_split}, {args.dataset}), task {args.task}"
+    if model_args.tiny_vision_init == "shapes":
+        recipe = SHAPES_TOWER_RECIPE
+        line += (f"; vision tower: leanvlp's embedded tiny ViT, pretrained on shapes images 0-"
+                 f"{recipe['num_images'] - 1:,} with semantic heads (`leanvlp.training.shapes_tower`)")
+    return line
 
 
 def held_out_where(args: DataArguments) -> str:
@@ -230,7 +237,7 @@ def _finish(trainer: Trainer, model: Any, processor: Any, out: Path, model_args:
         "datasets": hub_datasets(data_args),
         "license": model_args.license or (None if base_models else PROJECT_LICENSE),
         "base_model_licenses": base_model_licenses(base_models),
-        "training_data": training_data_line(data_args, train_data),
+        "training_data": training_data_line(data_args, train_data, model_args),
         "losses": {h["step"]: h["loss"] for h in history if "loss" in h},
         "logged": {step: parts for step, parts in logged.items() if parts},
     }

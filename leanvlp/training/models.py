@@ -26,8 +26,11 @@ def corpus_of(data: Dataset | IterableDataset, limit: int = 20000) -> list[str]:
 
 def build_merge_bridge(args: ModelArguments, corpus: Sequence[str]) -> tuple[Any, Any]:
     """A MergeBridge model and processor: from a checkpoint, from pretrained towers, or tiny from scratch."""
+    from transformers import AutoImageProcessor, AutoModel
+
     from .. import MergeBridgeConfig, MergeBridgeForConditionalGeneration, MergeBridgeProcessor
     from ..tiny import build_word_tokenizer, tiny_image_processor, tiny_llama_config, tiny_vision_config
+    from .shapes_tower import SHAPES_TOWER_DIR
 
     if args.checkpoint is not None:
         check_model_folder(args.checkpoint, [MergeBridgeConfig.model_type])  # names a wrong model_type early
@@ -54,16 +57,25 @@ def build_merge_bridge(args: ModelArguments, corpus: Sequence[str]) -> tuple[Any
                                                                      config=model.config)
         return model, processor
     tokenizer = build_word_tokenizer(corpus)
+    if args.tiny_vision_init == "shapes":  # the embedded tower pretrained on shapes (training/shapes_tower.py)
+        vision_model = AutoModel.from_pretrained(SHAPES_TOWER_DIR)
+        vision_config, image_processor = vision_model.config, AutoImageProcessor.from_pretrained(SHAPES_TOWER_DIR)
+    else:
+        vision_model = None
+        vision_config = tiny_vision_config(args.tiny_image_size, args.tiny_patch_size, args.tiny_vision_hidden,
+                                           args.tiny_vision_layers)
+        image_processor = tiny_image_processor(args.tiny_image_size)
     config = MergeBridgeConfig(
-        vision_config=tiny_vision_config(args.tiny_image_size, args.tiny_patch_size, args.tiny_vision_hidden,
-                                         args.tiny_vision_layers).to_dict(),
+        vision_config=vision_config.to_dict(),
         text_config=tiny_llama_config(len(tokenizer), args.tiny_llm_hidden, args.tiny_llm_layers).to_dict(),
         bridge_config=dict(hidden_size=args.bridge_hidden, num_hidden_layers=args.bridge_layers,
                            num_attention_heads=max(1, args.bridge_hidden // 64), intermediate_size=4 * args.bridge_hidden,
                            hidden_dropout_prob=args.bridge_dropout, attention_probs_dropout_prob=args.bridge_dropout),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **common)
     model = MergeBridgeForConditionalGeneration(config)
-    processor = MergeBridgeProcessor(tiny_image_processor(args.tiny_image_size), tokenizer,
+    if vision_model is not None:
+        model.model.vision_tower.vision_model.load_state_dict(vision_model.state_dict())  # strict: same ViT
+    processor = MergeBridgeProcessor(image_processor, tokenizer,
                                      num_image_tokens=config.num_image_tokens,
                                      max_length=config.text_config.max_position_embeddings)
     return model, processor
