@@ -93,3 +93,24 @@ def test_train_py_starts_the_main_job_from_the_embedded_tower():
     patch_args, _, _ = parse_args(["--output_dir", "unused", "--family", "patch_align", "--task", "pretrain"])
     sized_args, _, _ = parse_args(["--output_dir", "unused", "--tiny_vision_hidden", "32"])  # a size: a new ViT
     assert patch_args.tiny_vision_init == sized_args.tiny_vision_init == "random"
+
+
+@pytest.mark.slow
+def test_the_main_job_trains_from_the_embedded_tower_and_leaves_it_unchanged(tmp_path):
+    """train.py's default path for a few steps: the saved model's tower is still the embedded one (frozen), and
+    the model card names it."""
+    from leanvlp.training import main
+
+    out = tmp_path / "run"
+    assert main(["--num_train_images", "24", "--num_eval_images", "4", "--max_steps", "2", "--logging_steps", "1",
+                 "--per_device_train_batch_size", "8", "--save_strategy", "no", "--max_new_tokens", "3",
+                 "--tiny_llm_hidden", "32", "--bridge_hidden", "32", "--disable_tqdm", "true",
+                 "--output_dir", str(out)]) == 0
+    from transformers import AutoModelForImageTextToText
+
+    saved = AutoModelForImageTextToText.from_pretrained(out).model.vision_tower.vision_model.state_dict()
+    embedded = AutoModel.from_pretrained(SHAPES_TOWER_DIR).state_dict()
+    assert all(torch.equal(saved[k], embedded[k]) for k in embedded)
+    assert "vision tower: leanvlp's embedded tiny ViT" in json.loads((out / "training_summary.json").read_text())[
+        "training_data"]
+    assert "a frozen vision tower" in (out / "README.md").read_text().lower()
