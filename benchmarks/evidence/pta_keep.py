@@ -44,7 +44,7 @@ Resumable: one JSON per (variant, seed) under benchmarks/results/evidence/b_pta_
 The report (benchmarks/results/evidence.md between this experiment's markers, and evidence_b_pta_keep.png) is
 rewritten from the JSON files after every run, or alone with --report.
 
-    python benchmarks/evidence/pta_keep.py                 # ~25 CPU min on 1 thread
+    python benchmarks/evidence/pta_keep.py                 # ~30 CPU min on 1 thread (~60 wall, shared 2 cores)
     python benchmarks/evidence/pta_keep.py --report        # tables and plot from the JSON files
     python benchmarks/evidence/pta_keep.py --pilot         # seconds per step and per evaluation
     python benchmarks/evidence/pta_keep.py --variants random --seeds 1   # one run again (same numbers)
@@ -114,7 +114,7 @@ VARIANTS = {
 }
 METRICS = {"mlm_acc": "masked object-word accuracy", "rank_auroc": "AUROC of the ranking scores (named object)",
            "detector_auroc": "detector AUROC (named object)", "distractor_auroc": "named-vs-distractor AUROC",
-           "r_precision": "precision@|object| of the ranking scores", "recall_at_k": "object patches kept (recall@K)"}
+           "r_precision": "precision at the object's patch count (R-precision)", "recall_at_k": "object patches kept (recall@K)"}
 SETTINGS = dict(
     image_size=48, patch_size=8, vision_hidden=64, vision_layers=4, text_hidden=64, text_layers=2, fusion_layers=1,
     embed_dim=64, detector_layer=2, batch_size=32, steps=640, eval_every=80, vqa_steps=240, learning_rate=1e-3,
@@ -419,7 +419,7 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float] |
         f"per image; VQA: {first['vqa_items']} colour / shape questions, greedy first answer token), every "
         f"{s['eval_every']} steps for MLM and the scores. MLM and VQA read the text-aware tokens "
         "(`encode_image(text_cls=...).aware`: the masked caption's / the question's [CLS] drives the detector). "
-        "Detector metrics are against the named object's patches (AUROC per image, then mean; precision@|object|; "
+        "Detector metrics are against the named object's patches (AUROC per image, then mean; R-precision; "
         "recall@K = share of its patches among the K kept); the named-vs-distractor AUROC compares its patches "
         "with the other objects' only (0.5 for a scorer that ignores the text). Variants: `keep1.0` no pruning "
         "(PTA still trains the detector); `detector_pta` keep 0.5 by the detector; `detector_no_pta` PTA weight 0; "
