@@ -114,7 +114,8 @@ VARIANTS = {
 }
 METRICS = {"mlm_acc": "masked object-word accuracy", "rank_auroc": "AUROC of the ranking scores (named object)",
            "detector_auroc": "detector AUROC (named object)", "distractor_auroc": "named-vs-distractor AUROC",
-           "r_precision": "precision at the object's patch count (R-precision)", "recall_at_k": "object patches kept (recall@K)"}
+           "r_precision": "precision at the object's patch count (R-precision)",
+           "recall_at_k": "object patches kept (recall@K)"}
 SETTINGS = dict(
     image_size=48, patch_size=8, vision_hidden=64, vision_layers=4, text_hidden=64, text_layers=2, fusion_layers=1,
     embed_dim=64, detector_layer=2, batch_size=32, steps=640, eval_every=80, vqa_steps=240, learning_rate=1e-3,
@@ -432,6 +433,11 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float] |
     if blind:
         lines += [f"Image-blind control: always the most common masked word scores {blind['mlm_acc']:.3f}; the most "
                   f"common answer per question kind scores {blind['vqa_acc']:.3f} on VQA.", ""]
+        finals = {m: [final(r, m) for got in runs.values() for r in got.values()] for m in ("mlm_acc", "vqa_acc")}
+        above = {m: (min(v) - blind[m], max(v) - blind[m]) for m, v in finals.items()}
+        lines += ["Every run's final accuracy minus the image-blind control: MLM "
+                  f"{above['mlm_acc'][0]:+.3f} to {above['mlm_acc'][1]:+.3f}, "
+                  f"VQA {above['vqa_acc'][0]:+.3f} to {above['vqa_acc'][1]:+.3f}.", ""]
     lines += ["### Final scores (mean ± sd over seeds)", "",
               "| variant | seeds | MLM acc | VQA acc | " + " | ".join(list(METRICS.values())[1:])
               + " | text-aware ≠ agnostic tokens |",
