@@ -156,8 +156,112 @@ def test_rows_pair_each_text_with_its_image_row():
     [
         (dict(fuse_weights="sigmoid"), r"fuse_weights.*'sigmoid'"),
         (dict(rows=torch.tensor([0, 1])), r"rows needs text, one row index per text.*\(2,\).*\(3, 8\)"),
+        (dict(selection="cls"), r"selection must be one of \('detector', 'cls_cosine', 'random'\), got 'cls'"),
     ],
 )
 def test_bad_hook_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PatchSelectionHook(0, 0.5, TextAwarePatchDetector(16, 8), text=torch.randn(3, 8), **kwargs)
+
+
+# ----------------------------------------------------------------------------- selection ablations (issue #15 b)
+
+
+def test_cls_cosine_selection_equals_the_text_agnostic_branch_and_the_detector_still_scores():
+    """selection="cls_cosine": the text-aware hook keeps and fuses exactly as the text-agnostic one, whatever the
+    text; the detector's logits are still computed (for PTA) but decide nothing."""
+    torch.manual_seed(0)
+    detector = TextAwarePatchDetector(16, 8)
+    hidden, sizes = torch.randn(2, 1 + 10, 16), torch.rand(2, 11, 1) + 1
+    agnostic = PatchSelectionHook(0, 0.4)
+    ref, ref_state = agnostic.after_block(0, hidden, MergeState(sizes=sizes))
+    for text in (torch.randn(2, 8) * 3, torch.randn(2, 8) * 3):
+        hook = PatchSelectionHook(0, 0.4, detector, text=text, selection="cls_cosine")
+        out, state = hook.after_block(0, hidden, MergeState(sizes=sizes))
+        assert torch.equal(out, ref) and torch.equal(state.sizes, ref_state.sizes)
+        assert torch.equal(hook.kept, agnostic.kept) and torch.equal(hook.scores, agnostic.scores)
+        torch.testing.assert_close(hook.logits, detector(hidden[:, 1:], text), rtol=0, atol=0)
+
+
+def test_random_selection_keeps_the_top_k_of_uniform_draws_and_fuses_by_their_softmax():
+    """selection="random": scores are torch.rand draws of the global generator (same seed, same selection); the
+    kept set is their top K in spatial order and the fused token the softmax(scores)-weighted dropped patches."""
+    torch.manual_seed(0)
+    detector = TextAwarePatchDetector(16, 8)
+    hidden, text = torch.randn(2, 1 + 10, 16), torch.randn(2, 8)
+    kept = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        draws = torch.rand(2, 10)
+        torch.manual_seed(seed)
+        hook = PatchSelectionHook(0, 0.4, detector, text=text, selection="random")
+        out, _ = hook.after_block(0, hidden, MergeState())
+        assert torch.equal(hook.scores, draws) and hook.logits.shape == (2, 10)
+        assert torch.equal(hook.kept, draws.topk(4, dim=1).indices.sort(dim=1).values)
+        for b in range(2):
+            dropped = [i for i in range(10) if i not in hook.kept[b].tolist()]
+            w = draws[b, dropped].softmax(0)
+            torch.testing.assert_close(out[b, -1], (w[:, None] * hidden[b, 1:][dropped]).sum(0))
+        kept.append(hook.kept)
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+
+
+def test_ablated_selection_gives_the_detector_no_gradient_from_the_tokens():
+    """With cls_cosine / random ranking the detector is off the token path: only PTA (on its logits) trains it."""
+    layers, x = _bert_layers(2), torch.randn(2, 17, 32)
+    for selection in ("cls_cosine", "random"):
+        detector = TextAwarePatchDetector(32, 12)
+        hook = PatchSelectionHook(0, 0.5, detector, text=torch.randn(2, 12), selection=selection)
+        out = run_token_merging(layers, BertLayerAdapter(), TokenMergingConfig(), x, hooks=[hook]).last_hidden_state
+        out.sum().backward(retain_graph=True)  # PTA below reads the same blocks
+        assert detector.fc1.weight.grad is None
+        pta_loss(hook.logits, torch.ones(2, 16), torch.ones(2, dtype=torch.bool)).backward()
+        assert detector.fc1.weight.grad.abs().sum() > 0
+
+
+def _patch_align_config(**detector):
+    from leanvlp.modeling.configuration_patch_align import PatchAlignConfig
+
+    return PatchAlignConfig(
+        vision_config=dict(model_type="vit", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64, image_size=32, patch_size=8),
+        text_config=dict(model_type="bert", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32, initializer_range=0.2),
+        num_fusion_layers=1, num_decoder_layers=1, embed_dim=16, cls_token_id=1, sep_token_id=2, mask_token_id=3,
+        patch_detector=dict(layer=2, keep_ratio=0.5, **detector),
+    )
+
+
+def test_selection_config_default_round_trip_and_bad_value(tmp_path):
+    from leanvlp.modeling.configuration_patch_align import PatchAlignConfig
+
+    assert _patch_align_config().patch_detector["selection"] == "detector"
+    _patch_align_config(selection="random").save_pretrained(tmp_path)
+    assert PatchAlignConfig.from_pretrained(tmp_path).patch_detector["selection"] == "random"
+    with pytest.raises(ValueError, match=r"patch_detector.selection must be one of .*got 'top_k'"):
+        _patch_align_config(selection="top_k")
+
+
+def test_model_text_aware_paths_follow_the_selection():
+    """In PatchAlign, cls_cosine makes the text-aware branch (MLM, VQA) and encode_image_pairs (text-aware ITM)
+    equal the text-agnostic tokens exactly; PTA still trains the detector; `scores` are what ranked the patches."""
+    from leanvlp.modeling.modeling_patch_align import PatchAlignForPreTraining
+
+    torch.manual_seed(0)
+    models = {sel: PatchAlignForPreTraining(_patch_align_config(selection=sel)).eval()
+              for sel in ("detector", "cls_cosine")}
+    models["cls_cosine"].load_state_dict(models["detector"].state_dict())
+    g = torch.Generator().manual_seed(0)
+    pixels, text_cls = torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 32, generator=g) * 3
+    with torch.no_grad():
+        det = models["detector"].patch_align.encode_image(pixels, text_cls=text_cls)
+        cos = models["cls_cosine"].patch_align.encode_image(pixels, text_cls=text_cls)
+        pairs = models["cls_cosine"].patch_align.encode_image_pairs(pixels, torch.tensor([2, 0, 2]), text_cls)
+    assert torch.equal(det.scores, det.logits.sigmoid()) and not torch.equal(det.aware, det.agnostic)
+    assert torch.equal(cos.aware, cos.agnostic) and torch.equal(cos.agnostic, det.agnostic)
+    torch.testing.assert_close(cos.logits, det.logits, rtol=0, atol=0)  # same detector, same text: same logits
+    torch.testing.assert_close(pairs, cos.agnostic[[2, 0, 2]], rtol=1e-5, atol=1e-5)  # batch-size-only float noise
+    ids = torch.randint(4, 40, (3, 6), generator=g)
+    ids[:, 0] = 1
+    out = models["cls_cosine"](pixel_values=pixels, input_ids=ids, patch_labels=torch.ones(3, 16))
+    assert out.loss_pta is not None and out.loss_pta > 0

@@ -12,15 +12,16 @@ from .transformers_compat import check_transformers_version
 
 check_transformers_version()  # one clear line on an unsupported release, before anything deeper fails
 
-__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES", "FUSE_WEIGHTS", "MERGING_BLOCKS"]
+__all__ = ["PatchAlignConfig", "PATCH_ALIGN_VISION_TYPES", "FUSE_WEIGHTS", "SELECTIONS", "MERGING_BLOCKS"]
 
 # Vision towers with a CLS token at index 0 (the detector, ITC and the agnostic scores need it).
 PATCH_ALIGN_VISION_TYPES = ("vit", "clip_vision_model", "dinov2")
 DEFAULT_VISION = dict(model_type="vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, image_size=224, patch_size=16)
 DEFAULT_DETECTOR = dict(enabled=True, layer=6, keep_ratio=0.5, hidden_size=None, prop_attn=True,
-                        fuse_weights="logits", itm_text_aware=False)
+                        fuse_weights="logits", itm_text_aware=False, selection="detector")
 FUSE_WEIGHTS = ("logits", "scores")  # what the text-aware fused token's softmax weights read
+SELECTIONS = ("detector", "cls_cosine", "random")  # what ranks the text-aware branch's patches
 MERGING_BLOCKS = ("all", "before_detector", "after_detector")  # where the tower's token merging may act
 HEAD_NAMES = ("object_class", "attribute", "region_feature")
 DEFAULT_HEADS = dict(
@@ -71,7 +72,11 @@ class PatchAlignConfig(PretrainedConfig):
             another and the fuse is nearly a plain mean; the text-agnostic branch always weights by its cosine
             scores), `itm_text_aware` (False: ITM and retrieval's ITM re-ranking read the text-agnostic image
             tokens; True: each (image, text) pair's image is pruned by the detector with that text's [CLS], as
-            MLM and VQA are; costs one more tower pass per ITM batch).
+            MLM and VQA are; costs one more tower pass per ITM batch), `selection` ("detector": the text-aware
+            branch keeps the patches the detector ranks highest; "cls_cosine": the text-agnostic CLS-cosine scores
+            rank them instead; "random": uniform scores from torch's global generator, a control. The latter two are
+            ablations: the detector still scores every patch, so PTA trains it and `patch_scores` report it, but it
+            chooses nothing and the fused token weights the dropped patches by the softmax of the ranking scores).
         semantic_heads (`dict`, *optional*): `object_class`, `attribute`, `region_feature`, each
             `{"enabled": bool, "weight": float}` (`region_feature` also `"loss": "smooth_l1" | "cosine"`), and
             `layer` (1-based block whose output the heads read; None = the detector's block, or the last block
@@ -229,6 +234,10 @@ class PatchAlignConfig(PretrainedConfig):
         if d["fuse_weights"] not in FUSE_WEIGHTS:
             raise ValueError(
                 f"PatchAlignConfig.patch_detector.fuse_weights must be one of {FUSE_WEIGHTS}, got {d['fuse_weights']!r}"
+            )
+        if d["selection"] not in SELECTIONS:
+            raise ValueError(
+                f"PatchAlignConfig.patch_detector.selection must be one of {SELECTIONS}, got {d['selection']!r}"
             )
         if not isinstance(d["itm_text_aware"], bool):
             raise ValueError(

@@ -15,6 +15,8 @@ Which image tokens each path sees (the ITC image embedding must not depend on th
   - MLM and the PTA loss: the text-aware branch, scored with the [CLS] of the *masked* caption (so
     the masked words cannot leak into the patch choice). VQA: text-aware with the question's [CLS].
   Blocks 1..k run once; both branches then run the remaining blocks stacked on the batch axis.
+  `patch_detector.selection` ranks the text-aware branch's patches by CLS-cosine or random scores instead of the
+  detector's (ablations; the detector still scores them for PTA).
 With the detector disabled every path sees the full, unpruned tower output.
 """
 
@@ -327,6 +329,7 @@ class ImageEncoding:
     hidden_states: tuple[Tensor, ...] | None = None  # the agnostic branch: embeddings, then each block
     attentions: tuple[Tensor, ...] | None = None  # the agnostic branch, eager only
     token_sources: Tensor | None = None  # (B, P', 1 + P) patches of each token the detector scored (merged before it)
+    scores: Tensor | None = None  # (B, P) what ranked the text-aware branch's patches (patch_detector.selection)
 
 
 # ----------------------------------------------------------------------------- models
@@ -475,7 +478,7 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
             agnostic = PatchSelectionHook(k, det["keep_ratio"])
             if text_cls is not None:
                 aware = PatchSelectionHook(k, det["keep_ratio"], self.detector, text=text_cls,
-                                           fuse_weights=det["fuse_weights"])
+                                           fuse_weights=det["fuse_weights"], selection=det["selection"])
                 hooks.append(DualPatchSelectionHook(agnostic, aware))
             else:
                 hooks.append(agnostic)
@@ -495,7 +498,7 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
         maps = tuple(a[:B] for a in tower.attentions) if tower.attentions else None
         if aware is not None:
             return ImageEncoding(out[:B], out[B:], aware.logits, aware.kept, patches, patch_index, hidden, maps,
-                                 aware.token_sources)
+                                 aware.token_sources, aware.scores)
         if det["enabled"]:
             return ImageEncoding(out, None, None, agnostic.kept, patches, patch_index, hidden, maps)
         return ImageEncoding(out, out if text_cls is not None else None, None, None, patches, None, hidden, maps)
@@ -508,7 +511,7 @@ class PatchAlignModel(PatchAlignPreTrainedModel):
         if not det["enabled"]:
             return self.vision_tower(pixel_values).last_hidden_state[image_index]
         hook = PatchSelectionHook(det["layer"] - 1, det["keep_ratio"], self.detector, text=text_cls,
-                                  fuse_weights=det["fuse_weights"], rows=image_index)
+                                  fuse_weights=det["fuse_weights"], rows=image_index, selection=det["selection"])
         return self.vision_tower(pixel_values, hooks=[hook]).last_hidden_state
 
     def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .configuration_patch_align import FUSE_WEIGHTS
+from .configuration_patch_align import FUSE_WEIGHTS, SELECTIONS
 from .token_merging import BlockHook, MergeState
 
 __all__ = [
@@ -135,6 +135,10 @@ class PatchSelectionHook(BlockHook):
     fuse_weights: the text-aware fused token's weights are a softmax over the dropped patches' detector
     "logits" or over their sigmoid "scores" (the latter lie in (0, 1), so their softmax is almost uniform);
     the text-agnostic scores have no logits and always weight by softmax(scores).
+    selection (text-aware only): "detector" ranks the patches by the detector's scores; "cls_cosine" (the
+    text-agnostic scores) and "random" (uniform draws from torch's global generator) are ablations that rank
+    them instead while the detector still scores every patch (`logits`, for PTA); the fused token then weights
+    the dropped patches by softmax(scores) of the ranking scores, so the detector decides nothing.
     After the call, `logits` (n, P) (text-aware only), `scores` (n, P) and `kept` (n, K) hold what
     the detector decided, for the PTA loss and for visualisation, and `token_sources` (n, P, N0) the
     scored tokens' sources when the block loop tracks them (P: tokens after earlier merging, if any).
@@ -149,6 +153,7 @@ class PatchSelectionHook(BlockHook):
         num_prefix: int = 1,
         fuse_weights: str = "logits",
         rows: Tensor | None = None,
+        selection: str = "detector",
     ):
         if text is not None and detector is None:
             raise ValueError("a text-aware PatchSelectionHook needs a detector")
@@ -158,10 +163,12 @@ class PatchSelectionHook(BlockHook):
             raise ValueError("PatchSelectionHook: rows needs text, one row index per text "
                              f"(rows {None if rows is None else tuple(rows.shape)}, "
                              f"text {None if text is None else tuple(text.shape)})")
+        if selection not in SELECTIONS:
+            raise ValueError(f"PatchSelectionHook: selection must be one of {SELECTIONS}, got {selection!r}")
         num_kept_patches(1, keep_ratio)  # validates keep_ratio
         self.layer_idx, self.keep_ratio = layer_idx, keep_ratio
         self.detector, self.text, self.num_prefix = detector, text, num_prefix
-        self.fuse_weights, self.rows = fuse_weights, rows
+        self.fuse_weights, self.rows, self.selection = fuse_weights, rows, selection
         self.logits: Tensor | None = None
         self.scores: Tensor | None = None
         self.kept: Tensor | None = None
@@ -180,8 +187,13 @@ class PatchSelectionHook(BlockHook):
             self.scores = cls_similarity_scores(hidden, self.num_prefix)
         else:
             self.logits = self.detector(patches, self.text)
-            self.scores = self.logits.sigmoid()
-            fuse_scores = self.logits if self.fuse_weights == "logits" else self.scores
+            if self.selection == "detector":
+                self.scores = self.logits.sigmoid()
+                fuse_scores = self.logits if self.fuse_weights == "logits" else self.scores
+            elif self.selection == "cls_cosine":
+                self.scores = cls_similarity_scores(hidden, self.num_prefix)
+            else:
+                self.scores = torch.rand(patches.shape[:2], device=patches.device, dtype=patches.dtype)  # (n, P)
         keep = num_kept_patches(patches.shape[1], self.keep_ratio)
         hidden, sizes, sources, self.kept = select_and_fuse(
             hidden, self.scores, keep, state.sizes, state.sources, self.num_prefix, fuse_scores
