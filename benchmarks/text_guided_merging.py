@@ -36,10 +36,13 @@ not hold (below 0), inconclusive (contains 0). Speed cost of the guidance: guide
 Resumable: one JSON per (arm, seed) under benchmarks/results/evidence/text_guided/, skipped when present; the report
 (benchmarks/results/text_guided_merging.md between its markers, the PNG beside it) is rewritten from the JSON files
 after every run, or alone with --report. The guided 9 run of seed 0 also draws `merge_map`s of held-out images with
-the tokens its first block guards outlined in red (text_guided_merging_merge_map.png).
+the tokens its first block guards outlined in red (text_guided_merging_merge_map.png); `--guard` retrains seed 0's
+guided arms (checking they reproduce their JSON exactly), measures how often the guarded patches touch the asked
+object (guard.json) and redraws that map.
 
     python benchmarks/text_guided_merging.py              # the comparison: ~17 CPU min on 1 thread
     python benchmarks/text_guided_merging.py --report     # tables and plots from the JSON files
+    python benchmarks/text_guided_merging.py --guard      # where the guard looks, the merge map (~2 CPU min)
     python benchmarks/text_guided_merging.py --pilot --steps 300 --runs-dir /tmp/pilot   # size a run
 """
 
@@ -89,8 +92,8 @@ ARMS = {"unmerged": [0, 0, 0, 0], "plain 17": [30, 15, 3, 0], "guided 17": [30, 
         "plain 9": [30, 15, 7, 4], "guided 9": [30, 15, 7, 4]}  # bridge r per layer
 SETTINGS = dict(
     vision="dinov2-small-112px", image_size=112, vision_feature_layer=-2, bridge_hidden=64, bridge_layers=4,
-    bridge_heads=2, llm_hidden=64, llm_layers=2, llm_heads=2, init_std=0.02, guard=2, arms=ARMS, batch_size=32, steps=500,
-    eval_every=100, learning_rate=5e-4, warmup=0.05, weight_decay=0.01, train_images=4000,
+    bridge_heads=2, llm_hidden=64, llm_layers=2, llm_heads=2, init_std=0.02, guard=2, arms=ARMS, batch_size=32,
+    steps=500, eval_every=100, learning_rate=5e-4, warmup=0.05, weight_decay=0.01, train_images=4000,
     train_objects=[1, 2, 3, 4, 5, 6], test_images=600,
     data_seed=0, map_arm="guided 9",
 )
@@ -101,7 +104,7 @@ TINY_VISION = dict(hidden_size=32, layers=2, heads=2)  # `vision="tiny"`: a rand
 
 
 def shapes_split(s: dict[str, Any], count: int, start: int, num_objects: list[int]) -> dict[str, Any]:
-    """Images (N, S, S, 3) uint8, every object's (shape, colour) per image, and each image's own question: `count`
+    """Images (N, S, S, 3) uint8, every object's (shape, colour) and box per image, each image's own question: `count`
     images from index `start` on, in equal consecutive chunks of each object count in `num_objects`."""
     parts = []
     for k, n in enumerate(num_objects):
@@ -109,15 +112,16 @@ def shapes_split(s: dict[str, Any], count: int, start: int, num_objects: list[in
         parts.append(make_shapes_dataset(size, image_size=s["image_size"], seed=s["data_seed"],
                                          start_index=start + count * k // len(num_objects), layout="grid",
                                          num_objects=n, questions="one_object_colour"))
-    images, objects, questions, answers = [], [], [], []
+    images, objects, boxes, questions, answers = [], [], [], [], []
     for data in parts:
         raw = data.cast_column("image", ImageFeature(decode=False))
         images += [np.asarray(PIL.Image.open(io.BytesIO(r["bytes"])).convert("RGB")) for r in raw["image"]]
         objects += [list(zip(labels, [a[0] for a in attrs])) for labels, attrs in zip(data["box_labels"],
                                                                                      data["box_attributes"])]
+        boxes += data["boxes"]
         questions += [q[0] for q in data["questions"]]
         answers += [a[0][0] for a in data["answers"]]
-    return dict(images=np.stack(images), objects=objects, questions=questions, answers=answers)
+    return dict(images=np.stack(images), objects=objects, boxes=boxes, questions=questions, answers=answers)
 
 
 def question(shape: str) -> str:
@@ -155,7 +159,8 @@ def build(s: dict[str, Any], vision: PreTrainedModel, tokenizer: Any, arm: str, 
           ) -> MergeBridgeForConditionalGeneration:
     """The arm's MergeBridge with the tower's weights; every arm of a seed starts from the same weights (merging
     configs build no parameters, so the seeded init draws the same numbers)."""
-    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["llm_hidden"], intermediate_size=4 * s["llm_hidden"],
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["llm_hidden"],
+                              intermediate_size=4 * s["llm_hidden"],
                               num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
                               num_key_value_heads=s["llm_heads"], max_position_embeddings=128,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -294,7 +299,16 @@ def training_pairs(split: dict[str, Any]) -> tuple[list[int], list[str], list[st
 
 def run(s: dict[str, Any], arm: str, seed: int, vision: PreTrainedModel, tokenizer: Any, data: dict[str, Any],
         feats: dict[str, Any], map_path: Path | None = None) -> dict[str, Any]:
-    """Train one arm from the seed's initial weights on the seed's data order; the accuracy curve and costs."""
+    """Train one arm (`train_arm`); with `map_path`, draw the trained model's `protected_map` there."""
+    model, record = train_arm(s, arm, seed, vision, tokenizer, data, feats)
+    if map_path is not None:
+        protected_map(model, tokenizer, data["test"], feats["test"], map_path)
+    return record
+
+
+def train_arm(s: dict[str, Any], arm: str, seed: int, vision: PreTrainedModel, tokenizer: Any, data: dict[str, Any],
+              feats: dict[str, Any]) -> tuple[MergeBridgeForConditionalGeneration, dict[str, Any]]:
+    """Train one arm from the seed's initial weights on the seed's data order: the model, its curve and costs."""
     model = build(s, vision, tokenizer, arm, seed)
     check = check_cached_path(model, tokenizer, data["test"], feats["test"])
     image_of, questions, answers = training_pairs(data["train"])
@@ -340,9 +354,7 @@ def run(s: dict[str, Any], arm: str, seed: int, vision: PreTrainedModel, tokeniz
         cpu += time.process_time() - start
         if step % s["eval_every"] == 0 or step == s["steps"]:
             correct = record(step)
-    if map_path is not None:
-        protected_map(model, tokenizer, data["test"], feats["test"], map_path)
-    return {"arm": arm, "seed": seed, "settings": s, "num_image_tokens": model.config.num_image_tokens,
+    return model, {"arm": arm, "seed": seed, "settings": s, "num_image_tokens": model.config.num_image_tokens,
             "token_counts": model.config.bridge_merging_config.token_counts(model.config.num_bridge_input_tokens,
                                                                             s["bridge_layers"]),
             "num_trainable_parameters": sum(p.numel() for p in params), "check_loss": check, "curve": curve,
@@ -350,40 +362,87 @@ def run(s: dict[str, Any], arm: str, seed: int, vision: PreTrainedModel, tokeniz
 
 
 @torch.no_grad()
+def first_block_guard(model: MergeBridgeForConditionalGeneration, tokenizer: Any, questions: list[str],
+                      features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the bridge's first merging block guards (B, N) bool (the `protect_relevant` most relevant tokens
+    above their image's mean, `relevant_guard`) for these questions, and the prompt's text embeddings (B, C)."""
+    from leanvlp.modeling.token_merging import relevant_guard
+
+    ids = encode(tokenizer, model.config.num_image_tokens, questions, None)["input_ids"]
+    text = prompt_embeds(model.get_input_embeddings()(ids), ids == model.config.image_token_id)  # (B, C)
+    relevance = model.model.bridge.text_relevance(features, text)  # (B, N)
+    merging = model.config.bridge_merging_config
+    a_start, b_start = merging.protected + merging.protected % 2, merging.protected + 1 - merging.protected % 2
+    guard_a, guard_b = relevant_guard(relevance, merging.protected, merging.protect_relevant, a_start, b_start)
+    guarded = torch.zeros(relevance.shape, dtype=torch.bool)
+    guarded[:, a_start::2], guarded[:, b_start::2] = guard_a, guard_b
+    return guarded, text
+
+
+def asked_patches(split: dict[str, Any], b: int, grid: int, image_size: int) -> set[int]:
+    """Patch indices (row-major, CLS excluded) that the asked object's box overlaps in image `b`."""
+    shape = split["questions"][b].removeprefix("what color is the ").removesuffix("?")
+    x, y, w, h = split["boxes"][b][[o[0] for o in split["objects"][b]].index(shape)]
+    step = image_size / grid
+    cols = range(int(x // step), int(min(grid - 1, (x + w - 1e-6) // step)) + 1)
+    rows = range(int(y // step), int(min(grid - 1, (y + h - 1e-6) // step)) + 1)
+    return {r * grid + c for r in rows for c in cols}
+
+
+def guard_hits(model: MergeBridgeForConditionalGeneration, tokenizer: Any, split: dict[str, Any],
+               features: torch.Tensor) -> dict[str, float]:
+    """How often the first block's guarded patches touch the asked object, against guarding k random patches."""
+    from math import comb
+
+    guarded, _ = first_block_guard(model, tokenizer, split["questions"], features)
+    lead = model.config.bridge_merging_config.protected
+    patches = guarded.shape[1] - lead
+    grid = int(round(patches ** 0.5))
+    hits, chance, counts = [], [], []
+    for b in range(len(split["questions"])):
+        target = asked_patches(split, b, grid, split["images"].shape[1])
+        picked = set(guarded[b, lead:].nonzero()[:, 0].tolist())
+        hits.append(bool(picked & target))
+        k = len(picked)
+        chance.append(1 - comb(patches - len(target), k) / comb(patches, k) if k else 0.0)
+        counts.append(k)
+    return {"hit_rate": float(np.mean(hits)), "chance": float(np.mean(chance)),
+            "mean_guarded": float(np.mean(counts)), "images": len(hits)}
+
+
+@torch.no_grad()
 def protected_map(model: MergeBridgeForConditionalGeneration, tokenizer: Any, split: dict[str, Any],
                   features: torch.Tensor, path: Path, count: int = 4, cell: int = 28) -> None:
-    """`merge_map`s of the first held-out images through the trained guided bridge; the tokens its first merging
-    block guards (the `protect_relevant` most relevant patches above the image's mean) outlined in red."""
+    """Per held-out image: the image with the asked object's box (green) and the patches the trained guided bridge's
+    first merging block guards (red), over its `merge_map` (final token groups, mean colour)."""
     from PIL import ImageDraw
 
-    from leanvlp.modeling.token_merging import relevant_guard
     from leanvlp.visualize import merge_map
 
     model.eval()
-    batch = encode(tokenizer, model.config.num_image_tokens, split["questions"][:count], None)
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    text = prompt_embeds(embeds, batch["input_ids"] == model.config.image_token_id)  # (count, C)
+    guarded, text = first_block_guard(model, tokenizer, split["questions"][:count], features[:count])
     out = model.model.bridge(features[:count], text_embeds=text, track_sources=True)
-    relevance = model.model.bridge.text_relevance(features[:count], text)  # (count, 65)
-    merging = model.config.bridge_merging_config
-    n = relevance.shape[1]
-    a_start, b_start = merging.protected + merging.protected % 2, merging.protected + 1 - merging.protected % 2
-    guard_a, guard_b = relevant_guard(relevance, merging.protected, merging.protect_relevant, a_start, b_start)
-    guarded = torch.zeros(count, n, dtype=torch.bool)
-    guarded[:, a_start::2], guarded[:, b_start::2] = guard_a, guard_b
-    grid = int(round((n - merging.protected) ** 0.5))
-    panels = []
+    lead = model.config.bridge_merging_config.protected
+    grid = int(round((guarded.shape[1] - lead) ** 0.5))
+    side = grid * cell
+    sheet = PIL.Image.new("RGB", (count * (side + 4) - 4, 2 * side + 4), (255, 255, 255))
     for b in range(count):
-        panel = merge_map(split["images"][b], out.sources[b], path, grid=(grid, grid), cell=cell).copy()
-        draw = ImageDraw.Draw(panel)
-        for patch in (guarded[b, merging.protected:].nonzero()[:, 0]).tolist():
-            y, x = divmod(patch, grid)
-            draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], outline=(255, 0, 0), width=3)
-        draw.text((3, 2), split["questions"][b].removeprefix("what color is the "), fill=(255, 255, 255))
-        panels.append(panel)
-    sheet = PIL.Image.new("RGB", (sum(p.width for p in panels) + 4 * (count - 1), panels[0].height), (255, 255, 255))
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (i * (panel.width + 4), 0))
+        image = PIL.Image.fromarray(split["images"][b]).resize((side, side), PIL.Image.NEAREST)
+        groups = merge_map(split["images"][b], out.sources[b], path, grid=(grid, grid), cell=cell).copy()
+        scale = side / split["images"].shape[1]
+        shape = split["questions"][b].removeprefix("what color is the ").removesuffix("?")
+        x, y, w, h = split["boxes"][b][[o[0] for o in split["objects"][b]].index(shape)]
+        for panel in (image, groups):
+            draw = ImageDraw.Draw(panel)
+            draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=(0, 255, 0),
+                           width=2)
+            for patch in guarded[b, lead:].nonzero()[:, 0].tolist():
+                r, c = divmod(patch, grid)
+                draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=(255, 0, 0),
+                               width=3)
+        ImageDraw.Draw(image).text((3, 2), shape + "?", fill=(255, 255, 255))
+        sheet.paste(image, (b * (side + 4), 0))
+        sheet.paste(groups, (b * (side + 4), side + 4))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     model.train()
@@ -459,7 +518,8 @@ def verdict(bounds: tuple[float, float] | None) -> str:
     return "inconclusive"
 
 
-def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float], cost: dict[str, Any] | None) -> str:
+def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float], cost: dict[str, Any] | None,
+           guard: dict[str, Any] | None = None) -> str:
     lines = [BEGIN, "", "# Text-guided merging in MergeBridge: accuracy at equal visual-token counts (issue #16)", ""]
     if not runs:
         return "\n".join(lines + ["No finished run yet.", "", END])
@@ -468,7 +528,8 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float], 
         f"Shapes grid variant at {s['image_size']} px: six small shapes per image, the question asks one's colour. "
         f"Frozen pretrained DINOv2-S ({s['vision']}, 65 tokens, features cached once per image) -> MergeBridge bridge "
         f"({s['bridge_layers']} layers, width {s['bridge_hidden']}) -> {s['llm_layers']}-layer Llama (width "
-        f"{s['llm_hidden']}) from scratch; {s['train_images']} training images (6 questions each), {s['steps']} "
+        f"{s['llm_hidden']}) from scratch; {s['train_images']} training images ({min(s['train_objects'])}-"
+        f"{max(s['train_objects'])} objects, one question per object), {s['steps']} "
         f"steps of batch {s['batch_size']}, lr {s['learning_rate']}; accuracy on {s['test_images']} held-out "
         f"questions. Guided = `protect_relevant={s['guard']}`. Per seed every arm starts from the same weights and "
         "sees the same data order. Written by `benchmarks/text_guided_merging.py` from the JSON files in "
@@ -498,18 +559,37 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], blind: dict[str, float], 
             continue
         diffs = [runs[a][k]["final_accuracy"] - runs[b][k]["final_accuracy"] for k in seeds]
         bounds = interval(diffs)
-        text = verdict(bounds) if claim else "(what merging costs: the room guidance has)"
+        text = verdict(bounds) if claim else "reference: positive = merging costs accuracy"
         span = "-" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
         lines.append(f"| {name} | {len(seeds)} | {mean_sd(diffs)} | {span} | {text} |")
         if claim:
             verdicts.append(f"- {name.split(' - ')[0].replace('guided', 'at')} visual tokens: {text} "
                             f"(guided minus plain {statistics.mean(diffs):+.3f}, 95% interval {span})")
+    means = {arm: statistics.mean(r["final_accuracy"] for r in got.values()) for arm, got in runs.items() if got}
+    notes = []
+    if means and min(means.values()) > blind["prior_per_shape"]:
+        notes.append(f"Every arm ends above the image-blind control ({blind['prior_per_shape']:.3f}): the models "
+                     "read the image.")
+    merged = [m for arm, m in means.items() if arm != "unmerged"]
+    if "unmerged" in means and merged and means["unmerged"] < min(merged):
+        notes.append("The unmerged model is no ceiling within this budget: it ends below every merged arm (65 "
+                     "visual tokens learn more slowly than 17 or 9 in the same steps).")
     lines += ["", "Verdicts (the claim: at equal visual-token counts, guided merging answers more questions "
-              "correctly than plain merging):", "", *verdicts, ""]
+              "correctly than plain merging):", "", *verdicts, "", *notes, ""]
+    if guard:
+        k = s["guard"]
+        lines += [f"Where the guidance looks (seed 0's trained guided models, retrained with `--guard` and checked "
+                  f"equal to their JSON): the patches the first merging block guards (k = {k}) touch the asked "
+                  "object's box in " + ", ".join(f"{v['hit_rate']:.1%} ({arm})" for arm, v in guard.items())
+                  + f" of the held-out images; {k} random patches would in "
+                  + ", ".join(f"{v['chance']:.1%}" for v in guard.values()) + ". The map "
+                  "`text_guided_merging_merge_map.png` shows four of them (top: image, asked object in green, "
+                  "guarded patches in red; bottom: the final token groups).", ""]
     if cost:
         lines += ["Speed cost of the guidance (guided / plain forward at equal r, same weights; process CPU time, "
                   "one thread, runs interleaved; ratio min / median / max over repeats):", "",
-                  "| tokens | path | batch | repeats | plain ms (median) | guided ms (median) | ratio min / median / max |",
+                  "| tokens | path | batch | repeats | plain ms (median) | guided ms (median) "
+                  "| ratio min / median / max |",
                   "|---|---|---|---|---|---|---|"]
         for key, c in cost.items():
             tokens, path = key.split()
@@ -568,8 +648,10 @@ def write_report(runs_dir: Path, report_path: Path, plot_path: Path) -> None:
     cost_path = runs_dir / "cost.json"
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
     blind = json.loads((runs_dir / "blind.json").read_text())
+    guard_path = runs_dir / "guard.json"
+    guard = json.loads(guard_path.read_text()) if guard_path.exists() else None
     runs = load_runs(runs_dir)
-    section = report(runs, blind, cost)
+    section = report(runs, blind, cost, guard)
     text = report_path.read_text() if report_path.exists() else ""
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
@@ -622,6 +704,33 @@ def run_all(s: dict[str, Any], arms: list[str], seeds: list[int], runs_dir: Path
     return load_runs(runs_dir)
 
 
+def without_timing(value: Any) -> Any:
+    """A run record (as JSON) without its CPU-second fields: what the same seed must reproduce exactly."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in ("train_cpu_seconds", "eval_cpu_seconds")}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def guard_study(s: dict[str, Any], runs_dir: Path, cache_dir: Path, map_path: Path) -> dict[str, Any]:
+    """Retrain each guided arm of the first seed (the same numbers as its JSON, checked), measure where its guard
+    looks (`guard_hits`, into guard.json) and draw the map arm's `protected_map`."""
+    vision, tokenizer, data, feats = prepare(s, cache_dir)
+    out = {}
+    for arm in [a for a in s["arms"] if a.startswith("guided")]:
+        stored = json.loads((runs_dir / f"{arm.replace(' ', '_')}_seed0.json").read_text())
+        model, record = train_arm(s, arm, 0, vision, tokenizer, data, feats)
+        if without_timing(json.loads(json.dumps(record))) != without_timing(stored):
+            raise RuntimeError(f"{arm} seed 0 retrained differs from its JSON: not deterministic")
+        out[arm] = guard_hits(model, tokenizer, data["test"], feats["test"])
+        print(f"{arm}: reproduced its JSON exactly; guard {out[arm]}", flush=True)
+        if arm == s["map_arm"]:
+            protected_map(model, tokenizer, data["test"], feats["test"], map_path)
+    (runs_dir / "guard.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated among {list(ARMS)}")
@@ -630,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pilot", action="store_true", help="no report, no cost; use with --runs-dir and --steps")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and the plot")
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
+    parser.add_argument("--guard", action="store_true", help="retrain seed 0's guided arms (checked equal to their "
+                        "JSON): where the guard looks, and the merge map")
     parser.add_argument("--runs-dir", type=Path, default=RUNS)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "leanvlp" / "text_guided_features")
     args = parser.parse_args(argv)
@@ -641,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
     s = dict(SETTINGS, **({"steps": args.steps} if args.steps else {}))
     seeds = [int(x) for x in args.seeds.split(",")]
     if args.report:
+        write_report(args.runs_dir, REPORT, PLOT)
+        return 0
+    if args.guard:
+        guard_study(s, args.runs_dir, args.cache_dir, MERGE_MAP)
         write_report(args.runs_dir, REPORT, PLOT)
         return 0
     if args.pilot:

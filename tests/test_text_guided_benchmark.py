@@ -90,3 +90,23 @@ def test_report_plot_map_and_cost(finished):
     (tmp / "report.md").write_text("intro\n\n" + text + "\noutro\n")
     bench.write_report(tmp / "runs", tmp / "report.md", tmp / "plot.png")
     assert (tmp / "report.md").read_text() == "intro\n\n" + text + "\noutro\n"
+
+
+def test_asked_patches_are_the_patches_the_asked_box_overlaps():
+    split = {"questions": ["what color is the star?"], "objects": [[("circle", "red"), ("star", "blue")]],
+             "boxes": [[[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 10.0, 10.0]]]}
+    assert bench.asked_patches(split, 0, grid=4, image_size=56) == {0, 1, 4, 5}  # 14 px patches: x, y in 10..19
+    split["boxes"][0][1] = [14.0, 0.0, 14.0, 14.0]
+    assert bench.asked_patches(split, 0, grid=4, image_size=56) == {1}  # exactly one patch, edges exclusive
+
+
+def test_guard_study_reproduces_the_run_and_reports_where_the_guard_looks(finished):
+    tmp, _ = finished
+    guard = bench.guard_study(TINY, tmp / "runs", tmp / "cache", tmp / "guard_map.png")
+    assert set(guard) == {"guided 9"}
+    stats = guard["guided 9"]
+    assert stats["images"] == TINY["test_images"] and 0 <= stats["hit_rate"] <= 1 and 0 < stats["chance"] < 1
+    assert 0 < stats["mean_guarded"] <= TINY["guard"]
+    assert (tmp / "guard_map.png").stat().st_size > 0
+    bench.write_report(tmp / "runs", tmp / "report2.md", tmp / "plot2.png")
+    assert "Where the guidance looks" in (tmp / "report2.md").read_text()

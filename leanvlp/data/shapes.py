@@ -359,7 +359,8 @@ def _check_variant(image_size: int, layout: str, num_objects: int | None, object
         return
     if num_objects is not None and (not isinstance(num_objects, int) or isinstance(num_objects, bool)
                                     or not 1 <= num_objects <= len(SHAPES)):
-        raise ValueError(f"num_objects: must be an int in [1, {len(SHAPES)}] (one object per shape), got {num_objects!r}")
+        raise ValueError(f"num_objects: must be an int in [1, {len(SHAPES)}] (one object per shape), "
+                         f"got {num_objects!r}")
     size = object_size or "small"
     cell, largest = image_size // GRID_CELLS, max(5, round(SIZE_RANGE[size][1] * image_size))
     if largest > cell - 2:
