@@ -15,6 +15,13 @@ Relations: ``A left of B`` means A's box ends (x + w) at or before B's box start
 likewise on y. Boxes are at least ``GAP`` pixels apart, so every pair has at least one relation.
 Answers repeat the single correct answer 10 times (VQAv2 form with 10 agreeing annotators).
 
+Grid variant (``layout="grid"``; the default ``"scatter"`` is unchanged): ``num_objects`` objects of distinct
+shapes (default all six), each in a random cell of a ``GRID_CELLS`` x ``GRID_CELLS`` grid with a 1 px margin (so
+boxes stay ``GAP`` apart) and a colour drawn with repeats (no colour follows from the others); every object
+``object_size`` (default "small"). With ``questions="one_object_colour"`` each image has one question, the colour
+of one object named by its shape: the answer sits in a few patches among distractors (text-guided merging's
+benchmark). Its images come from ``default_rng([seed, index, 2])``, a stream of their own.
+
 CLI: ``python -m leanvlp.data --num-images 1000 [--image-size 64 --seed 0 --out DIR]``.
 """
 
@@ -40,8 +47,11 @@ __all__ = [
     "COLOURS",
     "DIRECTIONS",
     "GAP",
+    "GRID_CELLS",
+    "LAYOUTS",
     "HELD_OUT_START",
     "PLURALS",
+    "QUESTION_SETS",
     "RELATIONS",
     "SHAPES_DATASET_ID",
     "SHAPES",
@@ -78,12 +88,15 @@ SIZE_RANGE = {"small": (0.16, 0.22), "large": (0.30, 0.38)}  # side as a fractio
 BACKGROUND_RANGE = (50, 205)
 GAP = 2  # minimum pixels between two boxes
 RELATIONS = ("to the left of", "to the right of", "above", "below")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")  # up to six: the grid layout
 DIRECTIONS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 NUM_ANSWERS = 10
 CHUNK_ROWS = 1000
 HELD_OUT_START = 1_000_000  # first index of the held-out images (make_shapes_held_out)
 SHAPES_DATASET_ID = "leanvlp-shapes"  # its id in eval results: built in code, not a Hub dataset
+LAYOUTS = ("scatter", "grid")  # scatter: the default set; grid: one object per cell (see the module docstring)
+QUESTION_SETS = ("all", "one_object_colour")
+GRID_CELLS = 4  # the grid layout's cells per side
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -229,18 +242,24 @@ def _unique(objects: list[dict], obj: dict, keys: tuple[str, ...]) -> bool:
     return sum(all(o[k] == obj[k] for k in keys) for o in objects) == 1
 
 
+def _colour_question(objects: list[dict], order: list[dict]) -> tuple[str, str] | None:
+    """(question, answer) on the colour of the first object in `order` that its shape (plus size) names uniquely."""
+    for o in order:
+        if _unique(objects, o, ("shape",)):
+            return f"what color is the {o['shape']}?", o["colour"]
+        if _unique(objects, o, ("size", "shape")):
+            return f"what color is the {o['size']} {o['shape']}?", o["colour"]
+    return None
+
+
 def _questions(rng: np.random.Generator, objects: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One question per kind (colour, shape, count, existence, relation) that the image allows."""
     qa: list[tuple[str, str]] = []
     n = len(objects)
     order = [objects[int(i)] for i in rng.permutation(n)]
-    for o in order:  # colour: refer to the object by its shape (plus size) when that is unique
-        if _unique(objects, o, ("shape",)):
-            qa.append((f"what color is the {o['shape']}?", o["colour"]))
-            break
-        if _unique(objects, o, ("size", "shape")):
-            qa.append((f"what color is the {o['size']} {o['shape']}?", o["colour"]))
-            break
+    colour = _colour_question(objects, order)
+    if colour is not None:
+        qa.append(colour)
     for o in order:  # shape: refer to the object by its colour (plus size)
         if _unique(objects, o, ("colour",)):
             qa.append((f"what shape is the {o['colour']} object?", o["shape"]))
@@ -298,6 +317,23 @@ def _place_objects(rng: np.random.Generator, image_size: int, count: int) -> lis
     return objects
 
 
+def _grid_objects(rng: np.random.Generator, image_size: int, count: int, size: str) -> list[dict]:
+    """`count` objects of distinct shapes, one per random grid cell, 1 px inside it; colours drawn with repeats."""
+    cell = image_size // GRID_CELLS
+    colour_names = list(COLOURS)
+    objects = []
+    cells = rng.permutation(GRID_CELLS * GRID_CELLS)[:count]
+    for shape_index, cell_index in zip(rng.permutation(len(SHAPES))[:count], cells):
+        shape, colour = SHAPES[int(shape_index)], colour_names[int(rng.integers(len(colour_names)))]
+        side = _side(rng, size, image_size)
+        mask, (bx, by, bw, bh) = _shape_mask(shape, side)
+        px = int(cell_index) % GRID_CELLS * cell + int(rng.integers(1, cell - side))  # in [1, cell - side - 1]
+        py = int(cell_index) // GRID_CELLS * cell + int(rng.integers(1, cell - side))
+        objects.append({"shape": shape, "colour": colour, "size": size,
+                        "box": [float(px + bx), float(py + by), float(bw), float(bh)], "mask": mask, "at": (px, py)})
+    return objects
+
+
 def _paint(canvas: np.ndarray, obj: dict, at: tuple[int, int]) -> None:
     mask = obj["mask"]
     px, py = at
@@ -305,25 +341,71 @@ def _paint(canvas: np.ndarray, obj: dict, at: tuple[int, int]) -> None:
     region[mask] = COLOURS[obj["colour"]]
 
 
-def generate_shapes_row(index: int, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
-    """Row `index` of the shapes set of `seed`, in the schema (image as PNG ``{"bytes", "path"}``)."""
+def _check_variant(image_size: int, layout: str, num_objects: int | None, object_size: str | None,
+                   questions: str) -> None:
+    """Fail early on an unknown or impossible variant option, naming it and its value."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
+    if questions not in QUESTION_SETS:
+        raise ValueError(f"questions: must be one of {QUESTION_SETS}, got {questions!r}")
+    if object_size is not None and object_size not in SIZES:
+        raise ValueError(f"object_size: must be one of {SIZES} or None, got {object_size!r}")
+    if layout == "scatter":
+        for name, value, default in (("num_objects", num_objects, None), ("object_size", object_size, None),
+                                     ("questions", questions, "all")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} needs layout='grid' (the scatter layout draws 1-4 objects of "
+                                 "either size and asks every kind of question)")
+        return
+    if num_objects is not None and (not isinstance(num_objects, int) or isinstance(num_objects, bool)
+                                    or not 1 <= num_objects <= len(SHAPES)):
+        raise ValueError(f"num_objects: must be an int in [1, {len(SHAPES)}] (one object per shape), "
+                         f"got {num_objects!r}")
+    size = object_size or "small"
+    cell, largest = image_size // GRID_CELLS, max(5, round(SIZE_RANGE[size][1] * image_size))
+    if largest > cell - 2:
+        raise ValueError(f"object_size={size!r}: objects up to {largest} px do not fit a {cell} px grid cell with a "
+                         f"1 px margin at image_size={image_size}; use 'small' or a larger image_size")
+
+
+def generate_shapes_row(index: int, seed: int = 0, image_size: int = 64, layout: str = "scatter",
+                        num_objects: int | None = None, object_size: str | None = None,
+                        questions: str = "all") -> dict[str, Any]:
+    """Row `index` of the shapes set of `seed`, in the schema (image as PNG ``{"bytes", "path"}``).
+
+    `layout`, `num_objects`, `object_size`, `questions`: the grid variant (module docstring); the defaults give
+    the scatter set, byte for byte as before the variant existed.
+    """
     if image_size < 32:
         raise ValueError(f"image_size: must be >= 32 so small shapes stay recognisable, got {image_size}")
-    rng = np.random.default_rng([seed, index])
-    canvas = _background(rng, image_size).astype(np.uint8)
-    objects = _place_objects(rng, image_size, int(rng.integers(1, 5)))
+    _check_variant(image_size, layout, num_objects, object_size, questions)
+    if layout == "grid":
+        rng = np.random.default_rng([seed, index, 2])  # the trailing 2 keeps grid images apart from the rest
+        canvas = _background(rng, image_size).astype(np.uint8)
+        objects = _grid_objects(rng, image_size, num_objects or len(SHAPES), object_size or "small")
+        image_id = f"shapes-grid-{seed}-{index}"
+    else:
+        rng = np.random.default_rng([seed, index])
+        canvas = _background(rng, image_size).astype(np.uint8)
+        objects = _place_objects(rng, image_size, int(rng.integers(1, 5)))
+        image_id = f"shapes-{seed}-{index}"
     for obj in objects:
         _paint(canvas, obj, obj["at"])
-    questions, answers = _questions(rng, objects)
+    if questions == "one_object_colour":  # grid shapes are distinct, so the shape names the object
+        order = [objects[int(i)] for i in rng.permutation(len(objects))]
+        question, answer = _colour_question(objects, order)
+        questions_, answers = [question], [[answer] * NUM_ANSWERS]
+    else:
+        questions_, answers = _questions(rng, objects)
     return {
         "image": {"bytes": _encode_png(canvas), "path": None},
-        "image_id": f"shapes-{seed}-{index}",
+        "image_id": image_id,
         "captions": _captions(rng, objects),
         "boxes": [o["box"] for o in objects],
         "box_labels": [o["shape"] for o in objects],
         "box_attributes": [[o["colour"], o["size"]] for o in objects],
         "box_features": [],
-        "questions": questions,
+        "questions": questions_,
         "answers": answers,
     }
 
@@ -334,14 +416,21 @@ def _check_count(name: str, value: int) -> None:
 
 
 def make_shapes_dataset(num_images: int, image_size: int = 64, seed: int = 0, start_index: int = 0,
-                        progress: bool = False) -> Dataset:
-    """Build rows ``start_index .. start_index + num_images - 1`` of the shapes set as a ``datasets.Dataset``."""
+                        progress: bool = False, layout: str = "scatter", num_objects: int | None = None,
+                        object_size: str | None = None, questions: str = "all") -> Dataset:
+    """Build rows ``start_index .. start_index + num_images - 1`` of the shapes set as a ``datasets.Dataset``.
+
+    `layout="grid"` with `num_objects`, `object_size` and `questions` builds the many-object variant (module
+    docstring), e.g. ``make_shapes_dataset(600, image_size=112, layout="grid", questions="one_object_colour")``.
+    """
     _check_count("num_images", num_images)
     _check_count("start_index", start_index)
+    _check_variant(image_size, layout, num_objects, object_size, questions)
+    variant = dict(layout=layout, num_objects=num_objects, object_size=object_size, questions=questions)
     chunks, columns = [], {name: [] for name in FEATURES}
     indices = range(start_index, start_index + num_images)
     for index in tqdm(indices, desc="shapes", disable=not progress, unit="img"):
-        for name, value in generate_shapes_row(index, seed, image_size).items():
+        for name, value in generate_shapes_row(index, seed, image_size, **variant).items():
             columns[name].append(value)
         if len(columns["image"]) == CHUNK_ROWS:  # to Arrow in chunks: Python rows cost ~10x their Arrow size
             chunks.append(Dataset.from_dict(columns, features=FEATURES))
