@@ -19,24 +19,29 @@ Q-Former trained the same way (no BLIP-2 first stage). Set-up, every arm alike:
   processor's VQA template), LM loss on the answer tokens + EOS (the processor's labels; the LM head is applied only
   there), AdamW, linear warm-up then constant lr, gradient clipping 1.0 (reproduce_small's `PrefixLM`); every arm of
   a seed sees the same questions in the same order; seed s also fixes the bridges' random parts and dropout.
-- evaluation every `eval_every` steps on `eval_questions` held-out questions (easy-vqa test split, one question per
-  image): exact-match accuracy by RANKING THE 13 ANSWERS' LIKELIHOOD in one forward per question (log-probability of
-  the answer's tokens after the prompt; "teal" is two tokens, so its first token is appended to the prompt and its
-  second token read at that position; EOS not scored).
+- schedule: every arm is evaluated at `steps` (EQUAL STEPS) and trains on to round(steps x cost_ratio[arm]) steps,
+  cost_ratio = r0's CPU seconds per step over the arm's (measured by --pilot and fixed in SETTINGS, so the step
+  counts, and with them the numbers, do not depend on the machine's load), where it is evaluated again (EQUAL
+  TRAINING CPU TIME, about r0's; the measured seconds are reported).
+- evaluation: 400 held-out questions, 4 distinct ones on each of the first 100 easy-vqa test images that have 4;
+  exact-match accuracy by RANKING THE 13 ANSWERS' LIKELIHOOD (log-probability of the answer's tokens after the
+  prompt; "teal" is two tokens, so its first token is appended to the prompt and its second token read there; EOS
+  not scored). Each image prefix goes through the LLM once and its questions continue from its KV cache (checked
+  against one plain forward per prompt for every arm before the runs).
 - controls: image-blind per-question-type majority (yes/no, shape, colour: the training majority answer of the
   type) and per-question-text majority (the strongest image-blind answerer); shuffled-image evaluation of every
-  trained model at its last step (the same questions, each with another question's image features: a model that
-  reads the image must drop).
-- reported: accuracy at equal steps and at equal training CPU time (accuracy of the last evaluation each arm had
-  reached by that time), training CPU seconds to reach a fixed accuracy, measured CPU seconds per step and LLM
-  tokens per sample; paired differences over seeds with a 95% t-interval.
+  trained model at its last step (each image's questions asked with another image's features, a fixed
+  derangement: a model that reads the image must drop).
+- reported: accuracy at equal steps and at equal training CPU time, training CPU seconds to reach a fixed accuracy
+  (the per-text majority + 0.05), measured CPU seconds per step and LLM tokens per sample; paired differences over
+  seeds with a 95% t-interval; merged-vs-unmerged as non-inferiority with a 0.05 margin.
 
 Times are process CPU seconds (`time.process_time()`, 1 thread): the machine is shared, so wall time grows with the
 load and is reported beside them. Resumable: one JSON per (arm, seed) under benchmarks/results/evidence/c_bridges/;
 the report (benchmarks/results/evidence.md between this experiment's markers, and evidence_c_bridges.png) is
 rewritten from them after every run, or alone with --report.
 
-    python benchmarks/evidence/bridges.py                       # the 3-seed set
+    python benchmarks/evidence/bridges.py                       # the 3-seed set (~31 CPU min, 1 thread)
     python benchmarks/evidence/bridges.py --report              # tables and plot from the JSON files
     python benchmarks/evidence/bridges.py --pilot               # seconds per step / evaluation of each arm
     python benchmarks/evidence/bridges.py --arms r16 --seeds 0 --force   # one run again (same numbers)
@@ -89,8 +94,7 @@ BEGIN = "<!-- experiment c: begin (written by benchmarks/evidence/bridges.py) --
 END = "<!-- experiment c: end -->"
 
 ARMS = {"r0": 0, "r8": 8, "r16": 16, "qformer": None}  # arm -> MergeBridge r (None: the Q-Former bridge)
-LABELS = {"r0": "MergeBridge r=0 (unmerged)", "r8": "MergeBridge r=8", "r16": "MergeBridge r=16",
-          "qformer": "Q-Former (32 queries)"}
+LABELS = {"r0": "MergeBridge r=0 (unmerged)", "r8": "MergeBridge r=8", "r16": "MergeBridge r=16", "qformer": "Q-Former"}
 ANSWERS = ("yes", "no", *EASY_VQA_SHAPES, *EASY_VQA_COLOURS)
 SETTINGS = dict(
     image_size=112, bridge_layers=3, num_queries=32, batch_size=8, steps=12, lr=1e-3, warmup=3, train_images=1000,
@@ -476,9 +480,18 @@ def load_runs(folder: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
-def at_time(curve: list[dict[str, float]], seconds: float) -> float:
-    """Accuracy of the last evaluation the run had reached after `seconds` of training CPU time."""
-    return [p for p in curve if p["train_cpu_seconds"] <= seconds + 1e-9][-1]["accuracy"]
+def at_step(record: dict[str, Any], step: int) -> float:
+    """Accuracy of the run's evaluation at `step`."""
+    return next(p["accuracy"] for p in record["curve"] if p["step"] == step)
+
+
+def equal_steps(record: dict[str, Any]) -> float:
+    return at_step(record, record["settings"]["steps"])
+
+
+def equal_time(record: dict[str, Any]) -> float:
+    """Accuracy at the run's last step: every arm trains about r0's CPU time (`cost_ratio`)."""
+    return record["curve"][-1]["accuracy"]
 
 
 def time_to(curve: list[dict[str, float]], target: float) -> float | None:
@@ -522,10 +535,14 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int,
     first = base[seeds[0]]
     s, controls = first["settings"], first["controls"]
     lines += [
-        f"Frozen DINOv2-S/14 at {s['image_size']} px (65 tokens; features cached once, every arm reads the same) -> "
+        f"Frozen DINOv2-S/14 at {s['image_size']} px ({first['visual_tokens']} tokens; features cached once, every "
+        "arm reads the same) -> "
         f"bridge -> frozen SmolLM2-135M-Instruct, trained with the LM loss on the answer tokens of easy-vqa "
-        f"questions ({s['train_images']} training images), {s['steps']} steps of batch {s['batch_size']}, AdamW lr "
-        f"{s['lr']} (warm-up {s['warmup']} steps), the same question order per seed for every arm. Bridges from the "
+        f"questions ({s['train_images']} training images), batch {s['batch_size']}, AdamW lr "
+        f"{s['lr']} (warm-up {s['warmup']} steps), the same question order per seed for every arm. Equal steps: "
+        f"every arm at step {s['steps']}. Equal CPU time: each arm trains on to step {s['steps']} x (r0's CPU "
+        f"seconds per step / its own, measured by --pilot: {s['cost_ratio']}), so all arms get about r0's "
+        f"training CPU time. Bridges from the "
         f"first {s['bridge_layers']} layers of all-MiniLM-L6-v2: MergeBridge r=0/8/16 (visual tokens: "
         + ", ".join(f"{a} {next(iter(runs[a].values()))['visual_tokens']}" for a in ARMS if runs.get(a))
         + f"), Q-Former = transformers' `Blip2QFormerModel` with {s['num_queries']} queries. Accuracy: the top of the "
@@ -541,42 +558,46 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int,
         "### Equal steps",
         "",
         "| arm | seeds | visual tokens | LLM tokens / sample | CPU s / step | step cost vs r0 | accuracy | "
-        "shuffled-image accuracy | reads the image: accuracy - shuffled, 95% interval | - r0 (mean, 95% interval) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "- r0 (mean, 95% interval) | - Q-Former (mean, 95% interval) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     cost = {a: [runs[a][k]["cpu_seconds_per_step"] for k in runs[a]] for a in ARMS if runs.get(a)}
+    q = runs.get("qformer", {})
     for arm in ARMS:
         got = runs.get(arm, {})
         paired = [k for k in seeds if k in got]
         if not paired:
             continue
-        final = [got[k]["curve"][-1]["accuracy"] for k in paired]
-        drop = [got[k]["curve"][-1]["accuracy"] - got[k]["shuffled_accuracy"] for k in paired]
-        diff = [got[k]["curve"][-1]["accuracy"] - base[k]["curve"][-1]["accuracy"] for k in paired]
         record = got[paired[0]]
+        vs = [("-" if arm == ref or not [k for k in paired if k in other] else
+               f"{statistics.mean(d):+.3f} {fmt_interval(d)}")
+              for ref, other in (("r0", base), ("qformer", q))
+              for d in [[equal_steps(got[k]) - equal_steps(other[k]) for k in paired if k in other]]]
         lines.append(
             f"| {LABELS[arm]} | {len(paired)} | {record['visual_tokens']} | {record['llm_tokens_per_sample']:.1f} | "
             f"{mean_sd(cost[arm], 2)} | {statistics.mean(cost[arm]) / statistics.mean(cost['r0']):.2f} | "
-            f"{mean_sd(final)} | {mean_sd([got[k]['shuffled_accuracy'] for k in paired])} | "
-            f"{statistics.mean(drop):+.3f} {fmt_interval(drop)} | "
-            + ("-" if arm == "r0" else f"{statistics.mean(diff):+.3f} {fmt_interval(diff)}") + " |")
-    # equal CPU time: per seed, the time the cheapest arm took for the whole run
-    complete = [k for k in seeds if all(k in runs.get(a, {}) for a in ARMS)]
-    lines += ["", "### Equal training CPU time", ""]
-    if complete:
-        budget = {k: min(runs[a][k]["curve"][-1]["train_cpu_seconds"] for a in ARMS) for k in complete}
-        lines += [f"Per seed, the CPU seconds of the cheapest arm's whole run ({mean_sd(list(budget.values()), 0)} s); "
-                  "each arm's accuracy is that of its last evaluation reached within them.", "",
-                  "| arm | accuracy | - r0 (mean, 95% interval) | - Q-Former (mean, 95% interval) |", "|---|---|---|---|"]
-        equal_time = {a: {k: at_time(runs[a][k]["curve"], budget[k]) for k in complete} for a in ARMS}
-        for arm in ARMS:
-            values = [equal_time[arm][k] for k in complete]
-            vs = {b: [equal_time[arm][k] - equal_time[b][k] for k in complete] for b in ("r0", "qformer")}
-            lines.append(f"| {LABELS[arm]} | {mean_sd(values)} | "
-                         + " | ".join("-" if arm == b else f"{statistics.mean(d):+.3f} {fmt_interval(d)}"
-                                      for b, d in vs.items()) + " |")
-    else:
-        lines.append("Needs every arm on a seed.")
+            f"{mean_sd([equal_steps(got[k]) for k in paired])} | {vs[0]} | {vs[1]} |")
+    lines += ["", "### Equal training CPU time (each arm's last step) and the shuffled-image control", "",
+              "| arm | steps | training CPU s | training wall s | accuracy | - r0 (mean, 95% interval) | - Q-Former "
+              "(mean, 95% interval) | shuffled-image accuracy | accuracy - shuffled (mean, 95% interval) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        got = runs.get(arm, {})
+        paired = [k for k in seeds if k in got]
+        if not paired:
+            continue
+        vs = [("-" if arm == ref or not [k for k in paired if k in other] else
+               f"{statistics.mean(d):+.3f} {fmt_interval(d)}")
+              for ref, other in (("r0", base), ("qformer", q))
+              for d in [[equal_time(got[k]) - equal_time(other[k]) for k in paired if k in other]]]
+        drop = [equal_time(got[k]) - got[k]["shuffled_accuracy"] for k in paired]
+        lines.append(
+            f"| {LABELS[arm]} | {got[paired[0]]['steps']} | "
+            f"{mean_sd([got[k]['curve'][-1]['train_cpu_seconds'] for k in paired], 0)} | "
+            f"{mean_sd([got[k]['curve'][-1]['train_seconds'] for k in paired], 0)} | "
+            f"{mean_sd([equal_time(got[k]) for k in paired])} | {vs[0]} | {vs[1]} | "
+            f"{mean_sd([got[k]['shuffled_accuracy'] for k in paired])} | "
+            f"{statistics.mean(drop):+.3f} {fmt_interval(drop)} |")
     target = controls["text_majority"] + MARGIN
     lines += ["", f"### Training CPU time to reach accuracy {target:.3f} (the strongest image-blind control + "
               f"{MARGIN:.2f})", "", "| arm | reached | CPU seconds (mean ± sd over the seeds that reached it) |",
@@ -606,34 +627,36 @@ def verdicts(runs: dict[str, dict[int, dict[str, Any]]], seeds: list[int], contr
     reads = {}
     for arm in ARMS:
         got = runs.get(arm, {})
-        drop = [got[k]["curve"][-1]["accuracy"] - got[k]["shuffled_accuracy"] for k in seeds if k in got]
-        above = [got[k]["curve"][-1]["accuracy"] - controls["text_majority"] for k in seeds if k in got]
-        if drop:
-            reads[arm] = superior(drop) == "held" and superior(above) == "held"
-            out.append(f"- {LABELS[arm]} reads the image (final accuracy above the shuffled-image accuracy AND above "
-                       f"the per-text image-blind majority): {'held' if reads[arm] else 'did not hold / inconclusive'}"
-                       f" (accuracy - shuffled {statistics.mean(drop):+.3f} {fmt_interval(drop)}; accuracy - blind "
-                       f"{statistics.mean(above):+.3f} {fmt_interval(above)}).")
+        drop = [equal_time(got[k]) - got[k]["shuffled_accuracy"] for k in seeds if k in got]
+        above = [equal_time(got[k]) - controls["text_majority"] for k in seeds if k in got]
+        if not drop:
+            continue
+        found = (superior(drop), superior(above))
+        reads[arm] = found == ("held", "held")
+        text = "held" if reads[arm] else "did not hold" if "did not hold" in found else "inconclusive"
+        out.append(f"- {LABELS[arm]} reads the image at its last step (accuracy above its shuffled-image accuracy and "
+                   f"above the per-text image-blind majority): {text} (accuracy - shuffled "
+                   f"{statistics.mean(drop):+.3f}, 95% interval {fmt_interval(drop)}; accuracy - blind "
+                   f"{statistics.mean(above):+.3f}, {fmt_interval(above)}).")
     for arm in ("r8", "r16"):
         got = runs.get(arm, {})
-        paired = [k for k in seeds if k in got]
-        if not paired:
-            continue
-        diff = [got[k]["curve"][-1]["accuracy"] - runs["r0"][k]["curve"][-1]["accuracy"] for k in paired]
-        verdict = non_inferior(diff, MARGIN)
-        if not reads.get("r0"):
-            verdict = ("inconclusive: the unmerged bridge does not read the image at this budget, so matching it "
-                       f"means nothing (formally {verdict} at margin {MARGIN:.2f})")
-        out.append(f"- {LABELS[arm]} matches r=0 at equal steps (non-inferiority, margin {MARGIN:.2f}): {verdict} "
-                   f"(difference {statistics.mean(diff):+.3f}, 95% interval {fmt_interval(diff)}).")
+        for what, value in (("equal steps", equal_steps), ("equal CPU time", equal_time)):
+            diff = [value(got[k]) - value(runs["r0"][k]) for k in seeds if k in got]
+            if not diff:
+                continue
+            verdict = non_inferior(diff, MARGIN)
+            if not reads.get("r0") and not reads.get(arm):
+                verdict = ("inconclusive: neither bridge reads the image at this budget, so matching means nothing "
+                           f"(formally {verdict} at margin {MARGIN:.2f})")
+            out.append(f"- {LABELS[arm]} matches r=0 at {what} (non-inferiority, margin {MARGIN:.2f}): {verdict} "
+                       f"(difference {statistics.mean(diff):+.3f}, 95% interval {fmt_interval(diff)}).")
     for arm in ("r0", "r8", "r16"):
         got, q = runs.get(arm, {}), runs.get("qformer", {})
-        paired = [k for k in seeds if k in got and k in q]
-        if not paired:
-            continue
-        diff = [got[k]["curve"][-1]["accuracy"] - q[k]["curve"][-1]["accuracy"] for k in paired]
-        out.append(f"- {LABELS[arm]} beats the Q-Former at equal steps: {superior(diff)} (difference "
-                   f"{statistics.mean(diff):+.3f}, 95% interval {fmt_interval(diff)}).")
+        for what, value in (("equal steps", equal_steps), ("equal CPU time", equal_time)):
+            diff = [value(got[k]) - value(q[k]) for k in seeds if k in got and k in q]
+            if diff:
+                out.append(f"- {LABELS[arm]} beats the Q-Former at {what}: {superior(diff)} (difference "
+                           f"{statistics.mean(diff):+.3f}, 95% interval {fmt_interval(diff)}).")
     return out
 
 
