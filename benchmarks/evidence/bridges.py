@@ -678,7 +678,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int, d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3 + bool(long), figsize=(5 * (3 + bool(long)), 4.2))
     controls = next(iter(next(iter(runs.values())).values()))["controls"]
     for col, x_key in enumerate(("step", "train_cpu_seconds")):
         ax = axes[col]
@@ -692,19 +692,29 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int, d
             ax.plot(x, y.mean(0), marker="o", label=f"{LABELS[arm]} ({len(curves)} seeds)")
             ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
         ax.set_xlabel("training step" if x_key == "step" else "training CPU seconds (1 thread, mean over seeds)")
-    for ax in axes:
+    accuracy_axes = [axes[0], axes[1]] + ([axes[3]] if long else [])
+    for ax in accuracy_axes:
         ax.axhline(controls["type_majority"], color="grey", ls="--", lw=1, label="blind: per-type majority")
         ax.axhline(controls["text_majority"], color="black", ls=":", lw=1, label="blind: per-text majority")
         ax.set_ylabel("easy-vqa test accuracy (13-answer ranking)")
-        ax.grid(alpha=0.3)
+    for arm in ARMS:  # the training loss: what the bridges do learn within the budget
+        curves = [c["losses"] for c in runs.get(arm, {}).values()]
+        if curves:
+            n = min(len(c) for c in curves)
+            y = np.array([c[:n] for c in curves])
+            axes[2].plot(range(1, n + 1), y.mean(0), label=LABELS[arm])
+            axes[2].fill_between(range(1, n + 1), y.min(0), y.max(0), alpha=0.15)
+    axes[2].set(xlabel="training step", ylabel="LM loss on the answer tokens (mean over seeds)", yscale="log")
     for arm, got in long.items():
         for seed, record in got.items():
-            axes[2].plot([p["step"] for p in record["curve"]], [p["accuracy"] for p in record["curve"]], marker="o",
+            axes[3].plot([p["step"] for p in record["curve"]], [p["accuracy"] for p in record["curve"]], marker="o",
                          label=f"{LABELS[arm]}, seed {seed}")
-            axes[2].axhline(record["shuffled_accuracy"], color="red", ls="-.", lw=1, label="its shuffled-image accuracy")
-    axes[2].set_xlabel("training step (longer single-seed run)")
+            axes[3].axhline(record["shuffled_accuracy"], color="red", ls="-.", lw=1, label="its shuffled-image accuracy")
+        axes[3].set_xlabel("training step (longer single-seed run)")
+        axes[3].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
     fig.suptitle("Experiment (c): bridges on frozen DINOv2-S + SmolLM2-135M, easy-vqa (mean, band = min..max)")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=80)
