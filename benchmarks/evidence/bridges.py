@@ -103,7 +103,7 @@ SETTINGS = dict(
     # r0's CPU seconds per step over each arm's (two --pilot runs: 4.95, 3.48, 2.40, 2.95 s): equal-CPU-time step counts
     cost_ratio={"r0": 1.0, "r8": 1.42, "r16": 2.06, "qformer": 1.68},
 )
-LONG = dict(arm="r16", seed=0, steps=240, eval_every=60)
+LONG = dict(arm="r16", seed=0, steps=150, eval_every=50)  # its first steps repeat the set's r16 seed-0 run
 
 
 # ----------------------------------------------------------------------------- data
@@ -611,6 +611,12 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int,
     lines += ["", "### Verdicts", ""] + verdicts(runs, seeds, controls)
     for arm, got in long.items():
         for seed, record in got.items():
+            curve, short = record["curve"], runs.get(arm, {}).get(seed)
+            if short is not None:  # same seed, same data order: the first steps must repeat the set's run exactly
+                n = len(short["losses"])
+                same = record["losses"][:n] == short["losses"]
+                lines += ["", f"Same seed, same numbers: the longer run's first {n} training losses "
+                          + ("equal" if same else "DIFFER FROM") + f" those of the set's {arm} seed-{seed} run."]
             curve = record["curve"]
             lines += ["", f"### Longer single-seed run: {LABELS[arm]}, seed {seed}, {record['settings']['steps']} "
                       f"steps ({curve[-1]['train_cpu_seconds']:.0f} training CPU seconds)", "",
