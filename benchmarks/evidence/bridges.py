@@ -50,7 +50,6 @@ rewritten from them after every run, or alone with --report.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -76,7 +75,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # benchmarks/ is no package: its scripts are imported as modules
 
 from reproduce_small import PrefixLM, QFormerBridge, vision_features  # noqa: E402
-from semantic_losses import interval, mean_sd  # noqa: E402
+from semantic_losses import chosen_runs, experiment_parser, interval, mean_sd  # noqa: E402
 
 from leanvlp import assets  # noqa: E402
 from leanvlp.assets import EASY_VQA_COLOURS, EASY_VQA_SHAPES  # noqa: E402
@@ -767,20 +766,11 @@ def prepare(s: dict[str, Any], log: Any = print) -> tuple[dict[str, Path], nn.Mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated among {list(ARMS)}")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--report", action="store_true", help="only rewrite the tables and the plot")
-    parser.add_argument("--pilot", action="store_true", help="CPU seconds per step and per evaluation of each arm")
+    parser = experiment_parser(__doc__.split("\n")[0], list(ARMS), "arms",
+                               "CPU seconds per step and per evaluation of each arm")
     parser.add_argument("--long", action="store_true", help=f"the longer single-seed run {LONG}")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs too")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"--arms: unknown {unknown}; known {list(ARMS)}")
-    seeds = [int(x) for x in args.seeds.split(",")]
+    arms, seeds = chosen_runs(parser, args, list(ARMS), "arms")
     s = dict(SETTINGS)
     if args.report:
         write_report(load_runs(RUNS), load_runs(LONG_RUNS))

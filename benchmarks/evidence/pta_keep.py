@@ -52,7 +52,6 @@ rewritten from the JSON files after every run, or alone with --report.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -73,6 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semantic_losses import (  # noqa: E402  (experiment a's helpers: data, recipe arguments, statistics)
     T_975,
     EvaluateEvery,
+    chosen_runs,
+    experiment_parser,
     interval,
     mean_sd,
     model_args,
@@ -539,19 +540,9 @@ def run_all(variants: list[str], seeds: list[int], s: dict[str, Any], train: Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {list(VARIANTS)}")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--report", action="store_true", help="only rewrite the tables and the plot")
-    parser.add_argument("--pilot", action="store_true", help="time a few steps of each variant and one evaluation")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs too")
+    parser = experiment_parser(__doc__.split("\n")[0], list(VARIANTS))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
-    seeds = [int(x) for x in args.seeds.split(",")]
+    variants, seeds = chosen_runs(parser, args, list(VARIANTS))
     s = dict(SETTINGS)
     start = time.process_time()
     train, items = prepare(s)

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -444,20 +445,35 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {list(VARIANTS)}")
+def experiment_parser(description: str, names: Sequence[str], kind: str = "variants",
+                      pilot_help: str = "time a few steps of each variant and one evaluation") -> argparse.ArgumentParser:
+    """The flags every evidence script shares: which runs (`--variants` / `--arms`, `--seeds`), `--report`,
+    `--pilot`, `--force`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(f"--{kind}", default=",".join(names), help=f"comma-separated among {list(names)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and the plot")
-    parser.add_argument("--pilot", action="store_true", help="time a few steps of each variant and one evaluation")
+    parser.add_argument("--pilot", action="store_true", help=pilot_help)
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def chosen_runs(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str],
+                kind: str = "variants") -> tuple[list[str], list[int]]:
+    """The runs asked for (an unknown name is a usage error naming it) and the seeds; one thread, as every run's
+    CPU seconds assume."""
     torch.set_num_threads(1)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    picked = [v.strip() for v in getattr(args, kind).split(",") if v.strip()]
+    unknown = [v for v in picked if v not in names]
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
-    seeds = [int(x) for x in args.seeds.split(",")]
+        parser.error(f"--{kind}: unknown {unknown}; known {list(names)}")
+    return picked, [int(x) for x in args.seeds.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = experiment_parser(__doc__.split("\n")[0], list(VARIANTS))
+    args = parser.parse_args(argv)
+    variants, seeds = chosen_runs(parser, args, list(VARIANTS))
     s = dict(SETTINGS)
     start = time.perf_counter()
     train, next_index = shapes_with_objects(s["train_images"], 0, s)
