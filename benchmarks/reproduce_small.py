@@ -222,6 +222,19 @@ def vision_features(model: MergeBridgeForConditionalGeneration, processor: Merge
     return torch.cat(chunks), (time.perf_counter() - start) / max(len(images), 1)
 
 
+def frozen_llm(llm_dir: str | Path, model: MergeBridgeForConditionalGeneration) -> nn.Module:
+    """The frozen causal LM the bridges share, with `model`'s vocabulary (its added `<image>` row): the plain
+    checkpoint has no row for `<image>`, and left trainable every step would build weight gradients for nothing."""
+    llm = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()
+    llm.requires_grad_(False)  # frozen: the backward pass computes input gradients only
+    with torch.no_grad():  # the head is tied, so it follows
+        llm.resize_token_embeddings(model.get_input_embeddings().num_embeddings)
+        llm.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    if llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight:
+        raise RuntimeError("the shared LLM's head must be tied to its input embeddings (SmolLM2's is)")
+    return llm
+
+
 class PrefixLM:
     """A trainable bridge in front of the shared frozen LLM: visual prefix -> `<image>` slots -> loss / generate."""
 
@@ -321,7 +334,7 @@ def easy_vqa_experiment(args: argparse.Namespace, budget_s: float, log: Callable
         str(vision_dir), str(llm_dir), bridge_init=str(bert_dir), bridge_merging={"r": MERGE_R},
         freeze_vision=True, freeze_llm=True)
     image_token_id = model.config.image_token_id
-    llm = AutoModelForCausalLM.from_pretrained(str(llm_dir)).eval()  # the same frozen weights, with its LM head
+    llm = frozen_llm(llm_dir, model)  # the same frozen weights, with its LM head and the `<image>` row
     procs = {n: MergeBridgeProcessor.from_vision_text_pretrained(str(vision_dir), str(llm_dir), num_image_tokens=k)
              for n, k in (("merged", model.config.num_image_tokens), ("unmerged", model.config.num_bridge_input_tokens),
                           ("qformer", NUM_QUERIES))}

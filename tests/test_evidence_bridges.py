@@ -52,7 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, torch.n
     dirs = {"vision": vision, "llm": text, "minilm": out / "bert"}
     s = dict(SETTINGS)
     model = bridges.merge_bridge_model(s, 0, 0, dirs)
-    llm = bridges.shared_llm(dirs, model)
+    llm = bridges.frozen_llm(dirs["llm"], model)
     processor = bridges.MergeBridgeProcessor.from_vision_text_pretrained(
         str(vision), str(text), num_image_tokens=model.config.num_image_tokens)
     train, test = rows(6, 0), rows(3, 1)

@@ -69,12 +69,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, set_seed  # noqa: E402
+from transformers import BertConfig, BertModel, set_seed  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # benchmarks/ is no package: its scripts are imported as modules
 
-from reproduce_small import PrefixLM, QFormerBridge, vision_features  # noqa: E402
+from reproduce_small import PrefixLM, QFormerBridge, frozen_llm, vision_features  # noqa: E402
 from semantic_losses import chosen_runs, experiment_parser, interval, mean_sd  # noqa: E402
 
 from leanvlp import assets  # noqa: E402
@@ -732,25 +732,13 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], long: dict[str, dict[int, d
 # ----------------------------------------------------------------------------- main
 
 
-def shared_llm(dirs: dict[str, Path], model: MergeBridgeForConditionalGeneration) -> nn.Module:
-    """The frozen causal LM every arm and seed shares, with `model`'s vocabulary (its `<image>` row)."""
-    llm = AutoModelForCausalLM.from_pretrained(str(dirs["llm"])).eval()
-    llm.requires_grad_(False)  # frozen: the backward pass computes input gradients only
-    with torch.no_grad():  # the head is tied, so it follows
-        llm.resize_token_embeddings(model.get_input_embeddings().num_embeddings)
-        llm.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
-    if llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight:
-        raise RuntimeError("bridges: the shared LLM's head must be tied to its input embeddings (SmolLM2's is)")
-    return llm
-
-
 def prepare(s: dict[str, Any], log: Any = print) -> tuple[dict[str, Path], nn.Module, Data]:
     """Assets (converted once into ~/.cache/leanvlp/assets), the shared frozen LLM and the cached features."""
     dirs = {"vision": assets.prepare_dinov2_small(image_size=s["image_size"]), "llm": assets.prepare_smollm2(),
             "minilm": assets.prepare_minilm()}
     start = time.process_time()
     feature_model = merge_bridge_model(s, 0, 0, dirs)
-    llm = shared_llm(dirs, feature_model)
+    llm = frozen_llm(dirs["llm"], feature_model)  # shared by every arm and seed
     processor = MergeBridgeProcessor.from_vision_text_pretrained(str(dirs["vision"]), str(dirs["llm"]),
                                                                  num_image_tokens=feature_model.config.num_image_tokens)
     cache = assets.assets_dir() / "evidence" / f"c_bridges_features_{s['image_size']}px.pt"
